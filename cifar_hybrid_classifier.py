@@ -1,0 +1,890 @@
+"""Train a hybrid CNN + Vision Transformer on CIFAR-100 from scratch.
+
+    python cifar_hybrid_classifier.py                       # download via Keras, train, report, save
+    python cifar_hybrid_classifier.py --data cifar-100-python.tar.gz --epochs 1
+
+Sections follow the data: configuration, data, augmentation pipeline, layers,
+model, trainer, evaluation, command line. Importing this module only defines
+things; everything runs from `main()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import os
+import pickle
+import platform
+import random
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass, field
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # hide TensorFlow's C++ start-up chatter
+
+import numpy as np
+import tensorflow as tf
+import keras
+from keras import layers, ops
+
+NUM_CLASSES = 100
+NUM_COARSE = 20
+IMAGE_SHAPE = (32, 32, 3)
+# Per-channel statistics of the CIFAR-100 training set, in 0..255 pixel units.
+CIFAR100_MEAN = (129.30, 124.07, 112.43)
+CIFAR100_STD = (68.17, 65.39, 70.42)
+
+
+# ----------------------------------------------------------------------------
+# Configuration: every hyperparameter, its default, and its command-line check.
+# ----------------------------------------------------------------------------
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _positive_float(text):
+    value = float(text)
+    if not value > 0 or not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text):
+    value = float(text)
+    if not value >= 0 or not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def _open_fraction(text):
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {text}")
+    return value
+
+
+def _rate(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _patch_size(text):
+    value = _positive_int(text)
+    if IMAGE_SHAPE[0] % value:
+        raise argparse.ArgumentTypeError(f"must divide {IMAGE_SHAPE[0]} (1, 2, 4, 8, 16, 32), got {text}")
+    return value
+
+
+def _widths(text):
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 1, e.g. 64,128,256; got {text}")
+    return values
+
+
+def _option(default, help, type=None, **kwargs):
+    """A dataclass field that also describes its command-line option."""
+    return field(default=default, metadata={"help": help, "type": type, **kwargs})
+
+
+@dataclass
+class Config:
+    # Data and output
+    data: str | None = _option(None, "CIFAR-100 python archive (cifar-100-python.tar.gz) or its extracted "
+                               "folder; without it Keras downloads and caches the data set", str)
+    output: str = _option("cifar_hybrid.keras", "where to save the trained model (.keras)", str)
+    validation_split: float = _option(0.1, "fraction of the training set held out, stratified, for model "
+                                      "selection", _open_fraction)
+    seed: int = _option(42, "seed for Python, NumPy, TensorFlow, Keras and the input pipeline", int)
+    # Optimisation
+    epochs: int = _option(12, "training epochs", _positive_int)
+    batch_size: int = _option(128, "images per training step", _positive_int)
+    learning_rate: float = _option(2e-3, "peak AdamW learning rate (reached after warm-up)", _positive_float)
+    weight_decay: float = _option(0.05, "AdamW decoupled weight decay (not applied to biases, norms, "
+                                  "CLS token and position embeddings)", _non_negative_float)
+    warmup_fraction: float = _option(0.1, "fraction of all steps spent in linear learning-rate warm-up "
+                                     "before the cosine decay", _rate)
+    label_smoothing: float = _option(0.1, "label smoothing of the cross-entropy loss", _rate)
+    precision: str = _option("auto", "auto: mixed_float16 on a GPU, mixed_bfloat16 on a CPU with native "
+                             "bf16, else float32", str,
+                             choices=("auto", "float32", "mixed_bfloat16", "mixed_float16"))
+    # Augmentation
+    crop_padding: int = _option(4, "pixels of padding before the random 32x32 crop (0 disables)", int)
+    flip: bool = _option(True, "random horizontal flips")
+    color_jitter: bool = _option(False, "random brightness and contrast jitter")
+    # Architecture
+    cnn_widths: tuple = _option((32, 64, 128), "channels of the CNN stages; each stage halves the resolution",
+                                _widths)
+    patch_size: int = _option(4, "ViT patch size in pixels; must divide 32", _patch_size)
+    embed_dim: int = _option(128, "ViT token width", _positive_int)
+    depth: int = _option(2, "number of transformer encoder blocks", _positive_int)
+    num_heads: int = _option(4, "attention heads; must divide --embed-dim", _positive_int)
+    mlp_ratio: float = _option(2.0, "transformer MLP width as a multiple of --embed-dim", _positive_float)
+    head_units: int = _option(256, "width of the fusion head's hidden layer", _positive_int)
+    dropout: float = _option(0.0, "dropout inside the transformer (off by default: on a CPU it costs about "
+                             "a quarter of the step time)", _rate)
+    head_dropout: float = _option(0.1, "dropout in the fusion head", _rate)
+    l2: float = _option(1e-4, "L2 kernel regularization of the fusion head", _non_negative_float)
+
+
+def build_arg_parser():
+    """The command line, generated from `Config` so the two never drift apart."""
+    parser = argparse.ArgumentParser(
+        description="Train a hybrid CNN + Vision Transformer on CIFAR-100, evaluate it on the test set "
+                    "and save it as a .keras file.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        meta = dict(f.metadata)
+        kwargs = {"default": f.default, "help": meta.pop("help")}
+        if f.type in ("bool", bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+            meta.pop("type")
+        if isinstance(f.default, tuple):
+            kwargs["help"] += f" (default: {','.join(map(str, f.default))})"
+            kwargs["default"] = argparse.SUPPRESS
+        kwargs.update({k: v for k, v in meta.items() if v is not None})
+        parser.add_argument(flag, **kwargs)
+    return parser
+
+
+def parse_config(argv=None):
+    """Parse and cross-check the command line; bad values exit with code 2 before anything loads."""
+    parser = build_arg_parser()
+    args = vars(parser.parse_args(argv))
+    config = Config(**args)
+    if config.embed_dim % config.num_heads:
+        parser.error(f"--num-heads {config.num_heads} must divide --embed-dim {config.embed_dim}")
+    if config.crop_padding < 0 or config.crop_padding > IMAGE_SHAPE[0]:
+        parser.error(f"--crop-padding must be between 0 and {IMAGE_SHAPE[0]}, got {config.crop_padding}")
+    return config
+
+
+# ----------------------------------------------------------------------------
+# Data: the official CIFAR-100 python format, read straight from the archive.
+# ----------------------------------------------------------------------------
+
+class InputError(ValueError):
+    """Bad data or paths from the user: reported in one line with exit code 2, never a traceback."""
+
+
+@dataclass
+class CifarData:
+    x_train: np.ndarray          # (50000, 32, 32, 3) uint8
+    y_train: np.ndarray          # (50000,) fine labels 0..99
+    coarse_train: np.ndarray     # (50000,) coarse labels 0..19
+    x_test: np.ndarray
+    y_test: np.ndarray
+    coarse_test: np.ndarray
+    fine_names: list
+    coarse_names: list
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Allows only what the official pickles contain: dicts, lists, bytes, ints and NumPy arrays.
+
+    A pickle can name any importable callable; refusing everything else stops an
+    untrusted archive from running code while it is read.
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 writes bytes in protocol-2 pickles
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _unpickle(raw, member):
+    try:
+        obj = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as exc:
+        raise InputError(f"'{member}' is not a valid CIFAR-100 pickle ({exc})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"'{member}' holds a {type(obj).__name__}, expected a dict")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _read_members(path):
+    """Raw bytes of the train, test and meta pickles from a .tar.gz archive or a folder."""
+    wanted = ("train", "test", "meta")
+    if os.path.isdir(path):
+        folder = path
+        if not os.path.exists(os.path.join(folder, "meta")) and os.path.isdir(os.path.join(path, "cifar-100-python")):
+            folder = os.path.join(path, "cifar-100-python")
+        raw = {}
+        for name in wanted:
+            member = os.path.join(folder, name)
+            if not os.path.isfile(member):
+                raise InputError(f"{path}: no '{name}' file; expected the extracted cifar-100-python folder")
+            try:
+                with open(member, "rb") as f:
+                    raw[name] = f.read()
+            except OSError as exc:
+                raise InputError(f"{member}: cannot read ({exc.strerror})") from None
+        return raw
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file or folder; pass the CIFAR-100 python archive or its folder")
+    raw = {}
+    try:
+        # One sequential pass: random access into a gzip stream would decompress it again per member.
+        with tarfile.open(path, "r|gz") as archive:
+            for member in archive:
+                name = member.name.rsplit("/", 1)[-1]
+                if member.isfile() and name in wanted and name not in raw:
+                    raw[name] = archive.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise InputError(f"{path}: not a readable CIFAR-100 .tar.gz archive ({reason})") from None
+    missing = [name for name in wanted if name not in raw]
+    if missing:
+        raise InputError(f"{path}: archive lacks {', '.join(missing)}; expected cifar-100-python/{{train,test,meta}}")
+    return raw
+
+
+def _parse_split(d, member):
+    for key in ("data", "fine_labels", "coarse_labels"):
+        if key not in d:
+            raise InputError(f"'{member}' has no '{key}' entry")
+    data = d["data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise InputError(f"'{member}' data is {desc}, expected uint8 (N, 3072)")
+    labels = []
+    for key, limit in (("fine_labels", NUM_CLASSES), ("coarse_labels", NUM_COARSE)):
+        try:
+            values = np.asarray(d[key], dtype=np.int64)
+        except (TypeError, ValueError, OverflowError):
+            raise InputError(f"'{member}' {key} are not integers") from None
+        if values.shape != (len(data),):
+            raise InputError(f"'{member}' has {values.size} {key} for {len(data)} images")
+        if values.size and (values.min() < 0 or values.max() >= limit):
+            raise InputError(f"'{member}' {key} out of range: expected 0..{limit - 1}, "
+                            f"found {values.min()}..{values.max()}")
+        labels.append(values)
+    images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    return images, labels[0], labels[1]
+
+
+def _parse_names(d, key, count):
+    names = d.get(key)
+    if not isinstance(names, list) or len(names) != count:
+        raise InputError(f"'meta' needs {count} {key}")
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+
+
+def load_cifar100(path=None):
+    """Load CIFAR-100 as uint8 images, fine and coarse labels, and class names.
+
+    `path` is the official `cifar-100-python.tar.gz` or its extracted folder;
+    `None` downloads it once into the Keras cache (the same files
+    `keras.datasets.cifar100.load_data` uses).
+    """
+    if path is None:
+        try:
+            cache = keras.utils.get_file(
+                fname="cifar-100-python-target",
+                origin="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                extract=True,
+                file_hash="85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7")
+        except Exception as exc:
+            raise InputError(f"could not download CIFAR-100 ({exc}); pass --data PATH to a local copy") from None
+        path = os.path.join(cache, "cifar-100-python")
+    raw = _read_members(path)
+    train = _parse_split(_unpickle(raw["train"], "train"), "train")
+    test = _parse_split(_unpickle(raw["test"], "test"), "test")
+    meta = _unpickle(raw["meta"], "meta")
+    return CifarData(*train, *test,
+                     fine_names=_parse_names(meta, "fine_label_names", NUM_CLASSES),
+                     coarse_names=_parse_names(meta, "coarse_label_names", NUM_COARSE))
+
+
+# ----------------------------------------------------------------------------
+# Augmentation pipeline: tf.data over the uint8 arrays, seeded per epoch.
+# ----------------------------------------------------------------------------
+
+class AugmentationPipeline:
+    """Feeds uint8 batches; the model does its own scaling, so nothing is copied to float32.
+
+    Every random choice is a stateless op keyed on (seed, epoch, image position),
+    so an epoch's batches are the same however many threads map them.
+    """
+
+    def __init__(self, images, labels, batch_size, seed=0, crop_padding=4, flip=True, color_jitter=False):
+        self.images = tf.constant(images)   # one tensor, gathered by index: no per-epoch copy
+        self.labels = tf.constant(labels, dtype=tf.int32)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.crop_padding = crop_padding
+        self.flip = flip
+        self.color_jitter = color_jitter
+
+    def __len__(self):
+        return int(self.labels.shape[0])
+
+    def steps_per_epoch(self):
+        return len(self) // self.batch_size
+
+    def _augment(self, position, index, epoch_seed):
+        image = tf.gather(self.images, index)
+        seeds = tf.random.experimental.stateless_split(tf.stack([epoch_seed, position]), num=4)
+        if self.crop_padding:
+            p = self.crop_padding
+            image = tf.pad(image, [[p, p], [p, p], [0, 0]], mode="REFLECT")
+            image = tf.image.stateless_random_crop(image, IMAGE_SHAPE, seed=seeds[0])
+        if self.flip:
+            image = tf.image.stateless_random_flip_left_right(image, seed=seeds[1])
+        if self.color_jitter:
+            image = tf.image.convert_image_dtype(image, tf.float32)
+            image = tf.image.stateless_random_brightness(image, 0.2, seed=seeds[2])
+            image = tf.image.stateless_random_contrast(image, 0.8, 1.2, seed=seeds[3])
+            image = tf.image.convert_image_dtype(tf.clip_by_value(image, 0.0, 1.0), tf.uint8, saturate=True)
+        return image, tf.gather(self.labels, index)
+
+    def train_dataset(self, epoch):
+        """Shuffled, augmented, full batches (static shapes) for one epoch."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self))
+        epoch_seed = tf.constant(self.seed * 100_003 + epoch, tf.int64)
+        ds = tf.data.Dataset.from_tensor_slices((tf.range(len(self), dtype=tf.int64), order))
+        ds = ds.map(lambda pos, idx: self._augment(pos, idx, epoch_seed), num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.batch(self.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+    def eval_dataset(self, batch_size=None):
+        """Every image once, in order, unchanged."""
+        ds = tf.data.Dataset.from_tensor_slices((self.images, self.labels))
+        return ds.batch(batch_size or self.batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+# ----------------------------------------------------------------------------
+# Layers: small, serializable building blocks.
+# ----------------------------------------------------------------------------
+
+@keras.saving.register_keras_serializable(package="cifar_hybrid")
+class ImageStandardization(layers.Layer):
+    """Raw 0..255 pixels (uint8 or float) to per-channel standardized values."""
+
+    def __init__(self, mean=CIFAR100_MEAN, std=CIFAR100_STD, **kwargs):
+        super().__init__(**kwargs)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+
+    def call(self, images):
+        x = ops.cast(images, "float32")
+        x = (x - ops.array(self.mean, "float32")) / ops.array(self.std, "float32")
+        return ops.cast(x, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "mean": self.mean, "std": self.std}
+
+
+@keras.saving.register_keras_serializable(package="cifar_hybrid")
+class PatchEmbedding(layers.Layer):
+    """Cuts the image into non-overlapping patches and projects each to a token."""
+
+    def __init__(self, patch_size, embed_dim, **kwargs):
+        super().__init__(**kwargs)
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        # A strided convolution is exactly "flatten each patch, then a shared Dense".
+        self.projection = layers.Conv2D(embed_dim, patch_size, strides=patch_size, dtype=self.dtype_policy)
+
+    def build(self, input_shape):
+        self.projection.build(input_shape)
+
+    def call(self, images):
+        x = self.projection(images)
+        return ops.reshape(x, (-1, x.shape[1] * x.shape[2], self.embed_dim))
+
+    def compute_output_shape(self, input_shape):
+        grid = (input_shape[1] // self.patch_size) * (input_shape[2] // self.patch_size)
+        return (input_shape[0], grid, self.embed_dim)
+
+    def get_config(self):
+        return {**super().get_config(), "patch_size": self.patch_size, "embed_dim": self.embed_dim}
+
+
+@keras.saving.register_keras_serializable(package="cifar_hybrid")
+class ClassToken(layers.Layer):
+    """Prepends a learnable CLS token whose final state summarises the image."""
+
+    def build(self, input_shape):
+        self.cls_token = self.add_weight(name="cls_token", shape=(1, 1, input_shape[-1]),
+                                         initializer=keras.initializers.TruncatedNormal(stddev=0.02))
+
+    def call(self, tokens):
+        cls = ops.broadcast_to(ops.cast(self.cls_token, tokens.dtype), (ops.shape(tokens)[0], 1, tokens.shape[-1]))
+        return ops.concatenate([cls, tokens], axis=1)
+
+    def compute_output_shape(self, input_shape):
+        length = None if input_shape[1] is None else input_shape[1] + 1
+        return (input_shape[0], length, input_shape[2])
+
+
+@keras.saving.register_keras_serializable(package="cifar_hybrid")
+class PositionEmbedding(layers.Layer):
+    """Adds a learnable vector per token position: attention itself is order-blind."""
+
+    def build(self, input_shape):
+        self.position_embedding = self.add_weight(
+            name="position_embedding", shape=(1, input_shape[1], input_shape[2]),
+            initializer=keras.initializers.TruncatedNormal(stddev=0.02))
+
+    def call(self, tokens):
+        return tokens + ops.cast(self.position_embedding, tokens.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+@keras.saving.register_keras_serializable(package="cifar_hybrid")
+class TransformerEncoderBlock(layers.Layer):
+    """Pre-norm block: x + Attention(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, embed_dim, num_heads, mlp_ratio=2.0, dropout=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.dropout = dropout
+        policy = self.dtype_policy
+        self.norm1 = layers.LayerNormalization(epsilon=1e-6, dtype=policy)
+        self.attention = layers.MultiHeadAttention(num_heads, embed_dim // num_heads, dropout=dropout, dtype=policy)
+        self.norm2 = layers.LayerNormalization(epsilon=1e-6, dtype=policy)
+        self.mlp_hidden = layers.Dense(int(embed_dim * mlp_ratio), activation="gelu", dtype=policy)
+        self.mlp_out = layers.Dense(embed_dim, dtype=policy)
+        self.drop = layers.Dropout(dropout, dtype=policy)
+
+    def build(self, input_shape):
+        self.norm1.build(input_shape)
+        self.attention.build(input_shape, input_shape)
+        self.norm2.build(input_shape)
+        self.mlp_hidden.build(input_shape)
+        self.mlp_out.build(input_shape[:-1] + (int(self.embed_dim * self.mlp_ratio),))
+
+    def call(self, x, training=None):
+        h = self.norm1(x)
+        x = x + self.drop(self.attention(h, h, training=training), training=training)
+        h = self.mlp_out(self.drop(self.mlp_hidden(self.norm2(x)), training=training))
+        return x + self.drop(h, training=training)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "embed_dim": self.embed_dim, "num_heads": self.num_heads,
+                "mlp_ratio": self.mlp_ratio, "dropout": self.dropout}
+
+
+@keras.saving.register_keras_serializable(package="cifar_hybrid")
+class CNNBranch(layers.Layer):
+    """Convolution stages with batch norm; each stage halves the resolution. Output: a pooled vector.
+
+    Stage = conv3x3 -> max-pool -> BN -> ReLU -> conv3x3 -> BN -> ReLU: pooling right after
+    the first conv makes the second conv four times cheaper, which matters on a CPU.
+    """
+
+    def __init__(self, widths=(32, 64, 128), **kwargs):
+        super().__init__(**kwargs)
+        self.widths = tuple(int(w) for w in widths)
+        policy = self.dtype_policy
+
+        def conv_bn_relu(width):
+            return [layers.Conv2D(width, 3, padding="same", use_bias=False, dtype=policy),
+                    layers.BatchNormalization(momentum=0.9, dtype=policy),
+                    layers.ReLU(dtype=policy)]
+
+        stack = conv_bn_relu(self.widths[0])  # stem at full resolution
+        for width in self.widths:
+            stack += [layers.Conv2D(width, 3, padding="same", use_bias=False, dtype=policy),
+                      layers.MaxPooling2D(2, dtype=policy),
+                      layers.BatchNormalization(momentum=0.9, dtype=policy),
+                      layers.ReLU(dtype=policy),
+                      *conv_bn_relu(width)]
+        stack.append(layers.GlobalAveragePooling2D(dtype=policy))
+        self.stack = keras.Sequential(stack, name="stages")
+
+    def build(self, input_shape):
+        self.stack.build(input_shape)
+
+    def call(self, images, training=None):
+        return self.stack(images, training=training)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.widths[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "widths": self.widths}
+
+
+@keras.saving.register_keras_serializable(package="cifar_hybrid")
+class ViTBranch(layers.Layer):
+    """Patch embedding, CLS token, position embeddings, encoder blocks, final norm; returns the CLS state."""
+
+    def __init__(self, patch_size=4, embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0, dropout=0.1, **kwargs):
+        super().__init__(**kwargs)
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.dropout = dropout
+        policy = self.dtype_policy
+        self.patch_embedding = PatchEmbedding(patch_size, embed_dim, dtype=policy)
+        self.class_token = ClassToken(dtype=policy)
+        self.position_embedding = PositionEmbedding(dtype=policy)
+        self.embedding_dropout = layers.Dropout(dropout, dtype=policy)
+        self.blocks = [TransformerEncoderBlock(embed_dim, num_heads, mlp_ratio, dropout, dtype=policy)
+                       for _ in range(depth)]
+        self.norm = layers.LayerNormalization(epsilon=1e-6, dtype=policy)
+
+    def build(self, input_shape):
+        self.patch_embedding.build(input_shape)
+        shape = self.class_token.compute_output_shape(self.patch_embedding.compute_output_shape(input_shape))
+        self.class_token.build(shape)
+        self.position_embedding.build(shape)
+        for block in self.blocks:
+            block.build(shape)
+        self.norm.build(shape)
+
+    def tokens(self, images, training=None):
+        """The full token sequence after the last block: (batch, patches + 1, embed_dim)."""
+        x = self.position_embedding(self.class_token(self.patch_embedding(images)))
+        x = self.embedding_dropout(x, training=training)
+        for block in self.blocks:
+            x = block(x, training=training)
+        return self.norm(x)
+
+    def call(self, images, training=None):
+        return self.tokens(images, training=training)[:, 0]
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.embed_dim)
+
+    def get_config(self):
+        return {**super().get_config(), "patch_size": self.patch_size, "embed_dim": self.embed_dim,
+                "depth": self.depth, "num_heads": self.num_heads, "mlp_ratio": self.mlp_ratio,
+                "dropout": self.dropout}
+
+
+@keras.saving.register_keras_serializable(package="cifar_hybrid")
+class FusionHead(layers.Layer):
+    """Concatenates the branch vectors; L2-regularized dense layers with dropout; float32 softmax."""
+
+    def __init__(self, num_classes=NUM_CLASSES, units=256, dropout=0.1, l2=1e-4, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.units = units
+        self.dropout = dropout
+        self.l2 = l2
+        policy = self.dtype_policy
+        self.concat = layers.Concatenate(dtype=policy)
+        self.hidden = layers.Dense(units, activation="gelu", kernel_regularizer=keras.regularizers.L2(l2),
+                                   dtype=policy)
+        self.drop = layers.Dropout(dropout, dtype=policy)
+        # Logits and softmax in float32: bf16/fp16 softmax over 100 classes loses precision.
+        self.classifier = layers.Dense(num_classes, kernel_regularizer=keras.regularizers.L2(l2), dtype="float32")
+        self.softmax = layers.Softmax(dtype="float32")
+
+    def build(self, input_shape):
+        features = sum(shape[-1] for shape in input_shape)
+        self.hidden.build((None, features))
+        self.classifier.build((None, self.units))
+
+    def call(self, branch_outputs, training=None):
+        x = self.drop(self.hidden(self.concat(list(branch_outputs))), training=training)
+        return self.softmax(self.classifier(x))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0][0], self.num_classes)
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes, "units": self.units,
+                "dropout": self.dropout, "l2": self.l2}
+
+
+# ----------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------
+
+def build_model(config, dtype=None):
+    """The hybrid: raw 0..255 images in, 100 class probabilities out.
+
+    `dtype` is a Keras dtype policy name (e.g. "mixed_bfloat16"); None uses the global policy.
+    """
+    inputs = keras.Input(IMAGE_SHAPE, dtype="float32", name="image")
+    x = ImageStandardization(dtype=dtype, name="standardize")(inputs)
+    cnn = CNNBranch(config.cnn_widths, dtype=dtype, name="cnn_branch")(x)
+    vit = ViTBranch(config.patch_size, config.embed_dim, config.depth, config.num_heads, config.mlp_ratio,
+                    config.dropout, dtype=dtype, name="vit_branch")(x)
+    outputs = FusionHead(NUM_CLASSES, config.head_units, config.head_dropout, config.l2, dtype=dtype,
+                         name="fusion_head")([cnn, vit])
+    return keras.Model(inputs, outputs, name="cifar_hybrid")
+
+
+def resolve_precision(precision):
+    """Pick the dtype policy for `--precision auto`."""
+    if precision != "auto":
+        return precision
+    if tf.config.list_physical_devices("GPU"):
+        return "mixed_float16"
+    return "mixed_bfloat16" if _cpu_has_native_bf16() else "float32"
+
+
+def _cpu_has_native_bf16():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16")) or (
+        platform.machine() == "aarch64" and " bf16" in flags)
+
+
+# ----------------------------------------------------------------------------
+# Trainer: a custom loop (see README, "Design") over a tf.distribute strategy.
+# ----------------------------------------------------------------------------
+
+class Trainer:
+    """Fits the model with AdamW + warm-up/cosine, keeps the best-validation weights."""
+
+    def __init__(self, config, data, strategy=None, log=print):
+        self.config = config
+        self.data = data
+        self.log = log
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.precision = resolve_precision(config.precision)
+        self._split()
+        self.train_pipeline = AugmentationPipeline(
+            self.x_train, self.y_train, config.batch_size, config.seed,
+            config.crop_padding, config.flip, config.color_jitter)
+        self.val_pipeline = AugmentationPipeline(self.x_val, self.y_val, config.batch_size)
+        self.steps_per_epoch = self.train_pipeline.steps_per_epoch()
+        if self.steps_per_epoch < 1:
+            raise InputError(f"{len(self.train_pipeline)} training images are fewer than one batch of "
+                            f"{config.batch_size}; lower --batch-size")
+        self.total_steps = self.steps_per_epoch * config.epochs
+        with self.strategy.scope():
+            self.model = build_model(config, dtype=self.precision)
+            self.optimizer = self._make_optimizer()
+        self.loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing,
+                                                            reduction=None)
+        self.history = []
+        self._train_step = tf.function(self._distributed_train_step)
+        self._predict_step = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
+
+    def _split(self):
+        from sklearn.model_selection import train_test_split
+        c, d = self.config, self.data
+        try:
+            train_idx, val_idx = train_test_split(np.arange(len(d.y_train)), test_size=c.validation_split,
+                                                  stratify=d.y_train, random_state=c.seed)
+        except ValueError as exc:
+            raise InputError(f"cannot carve a stratified validation split of {c.validation_split} from "
+                            f"{len(d.y_train)} training images ({exc})") from None
+        self.x_train, self.y_train = d.x_train[train_idx], d.y_train[train_idx]
+        self.x_val, self.y_val = d.x_train[val_idx], d.y_train[val_idx]
+
+    def _make_optimizer(self):
+        c = self.config
+        warmup = int(self.total_steps * c.warmup_fraction)
+        schedule = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0 if warmup else c.learning_rate,
+            decay_steps=max(1, self.total_steps - warmup),
+            warmup_target=c.learning_rate if warmup else None,
+            warmup_steps=warmup)
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=c.weight_decay)
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "cls_token", "position_embedding"])
+        if self.precision == "mixed_float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)  # fp16 gradients underflow without it
+        return optimizer
+
+    def _distributed_train_step(self, images, labels):
+        global_batch = self.config.batch_size * self.strategy.num_replicas_in_sync
+
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                probs = self.model(x, training=True)
+                per_example = self.loss_fn(tf.one_hot(y, NUM_CLASSES), probs)
+                loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+                if self.model.losses:
+                    loss += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
+                scaled = self.optimizer.scale_loss(loss)
+            variables = self.model.trainable_variables
+            self.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
+            correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32))
+            return loss, correct
+
+        loss, correct = self.strategy.run(step, args=(images, labels))
+        reduce = tf.distribute.ReduceOp.SUM
+        return self.strategy.reduce(reduce, loss, axis=None), self.strategy.reduce(reduce, correct, axis=None)
+
+    def learning_rate(self):
+        return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
+
+    def predict(self, pipeline, model=None):
+        """Class probabilities for every image of an evaluation pipeline, in order."""
+        predict_step = self._predict_step if model is None else tf.function(
+            lambda x: model(x, training=False), reduce_retracing=True)
+        return np.concatenate([predict_step(x).numpy() for x, _ in pipeline.eval_dataset()])
+
+    def fit(self):
+        c = self.config
+        best_accuracy, best_weights = -1.0, None
+        dataset_of = (lambda epoch: self.strategy.experimental_distribute_dataset(
+            self.train_pipeline.train_dataset(epoch)))
+        verbose = 1 if sys.stdout.isatty() else 0
+        for epoch in range(c.epochs):
+            start = time.time()
+            progress = keras.utils.Progbar(self.steps_per_epoch, verbose=verbose, stateful_metrics=["loss", "acc"])
+            loss_sum = correct = seen = 0.0
+            for step, (images, labels) in enumerate(dataset_of(epoch), 1):
+                loss, hits = self._train_step(images, labels)
+                loss_sum += float(loss)
+                correct += float(hits)
+                seen += c.batch_size * self.strategy.num_replicas_in_sync
+                progress.update(step, [("loss", loss_sum / step), ("acc", correct / seen)])
+            val_accuracy = float(np.mean(self.predict(self.val_pipeline).argmax(-1) == self.y_val))
+            record = {"epoch": epoch + 1, "seconds": time.time() - start, "learning_rate": self.learning_rate(),
+                      "train_loss": loss_sum / max(step, 1), "train_accuracy": correct / max(seen, 1),
+                      "val_accuracy": val_accuracy}
+            self.history.append(record)
+            improved = val_accuracy > best_accuracy
+            if improved:
+                best_accuracy, best_weights = val_accuracy, self.model.get_weights()
+            self.log(f"epoch {epoch + 1}/{c.epochs}  loss {record['train_loss']:.3f}  "
+                     f"train {100 * record['train_accuracy']:.1f}%  val {100 * val_accuracy:.2f}%"
+                     f"{' (best)' if improved else ''}  lr {record['learning_rate']:.2e}  "
+                     f"{record['seconds']:.0f}s")
+        if best_weights is not None and best_accuracy > val_accuracy:
+            self.log(f"restoring the best-validation weights ({100 * best_accuracy:.2f}%)")
+            self.model.set_weights(best_weights)
+        return self.history
+
+    def export_model(self):
+        """A float32 copy of the trained model: it runs on any device, with or without bf16/fp16 support."""
+        if self.precision == "float32":
+            return self.model
+        model = build_model(self.config, dtype="float32")
+        model.set_weights(self.model.get_weights())
+        return model
+
+
+# ----------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------
+
+def evaluate(probs, labels, class_names):
+    """Top-1, top-5 and scikit-learn's per-class report."""
+    from sklearn.metrics import classification_report
+    top5 = np.argsort(probs, axis=-1)[:, -5:]
+    predictions = probs.argmax(-1)
+    report = classification_report(labels, predictions, labels=np.arange(len(class_names)),
+                                   target_names=class_names, digits=3, zero_division=0)
+    return {"top1": float(np.mean(predictions == labels)),
+            "top5": float(np.mean((top5 == labels[:, None]).any(-1))),
+            "report": report}
+
+
+def save_model_atomically(model, path):
+    """Write to a temporary file beside `path`, then rename: a failed save never leaves half a model."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".keras", dir=folder)
+    os.close(fd)
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
+
+def check_output_path(path):
+    """Fail fast (before loading data or training) if the model cannot be written."""
+    if not path.endswith(".keras"):
+        raise InputError(f"--output {path}: the file name must end in .keras")
+    if os.path.isdir(path):
+        raise InputError(f"--output {path}: is a folder; give a file name such as {os.path.join(path, 'cifar_hybrid.keras')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"--output {path}: folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"--output {path}: folder {folder} is not writable; choose another --output")
+
+
+def print_parameter_summary(model):
+    print(f"model {model.name}:")
+    for layer in model.layers[1:]:
+        print(f"  {layer.name:<14} {type(layer).__name__:<22} {layer.count_params():>10,} parameters")
+    print(f"  {'total':<37} {model.count_params():>10,} parameters")
+
+
+def set_seeds(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    keras.utils.set_random_seed(seed)  # also seeds TensorFlow and Keras' own generators
+
+
+def run(config):
+    check_output_path(config.output)
+    if config.data is not None and not os.path.exists(config.data):
+        raise InputError(f"--data {config.data}: no such file or folder")
+    set_seeds(config.seed)
+    started = time.time()
+    data = load_cifar100(config.data)
+    print(f"CIFAR-100: {len(data.y_train)} training and {len(data.y_test)} test images "
+          f"(loaded in {time.time() - started:.1f}s)")
+    trainer = Trainer(config, data)
+    print_parameter_summary(trainer.model)
+    print(f"precision {trainer.precision}; {len(trainer.y_train)} train / {len(trainer.y_val)} validation images; "
+          f"{config.epochs} epoch(s) of {trainer.steps_per_epoch} steps at batch {config.batch_size}")
+    trainer.fit()
+
+    model = trainer.export_model()
+    test_pipeline = AugmentationPipeline(data.x_test, data.y_test, config.batch_size)
+    results = evaluate(trainer.predict(test_pipeline, model), data.y_test, data.fine_names)
+    print("\nTest set classification report (fine labels):")
+    print(results["report"])
+    print(f"test top-1 {100 * results['top1']:.2f}%  top-5 {100 * results['top5']:.2f}%  "
+          f"wall time {(time.time() - started) / 60:.1f} min")
+    save_model_atomically(model, config.output)
+    print(f"saved the model to {os.path.abspath(config.output)}")
+    return results
+
+
+def main(argv=None):
+    config = parse_config(argv)
+    try:
+        run(config)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

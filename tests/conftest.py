@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny synthetic CIFAR-100 data written in the official python format."""
+
+import io
+import os
+import pickle
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+FINE_NAMES = [f"fine_{i:02d}" for i in range(100)]
+COARSE_NAMES = [f"coarse_{i:02d}" for i in range(20)]
+
+
+def make_split(n, seed):
+    """Pickle-ready dict as in the official files: bytes keys, (N, 3072) uint8 data, list labels.
+
+    Each class gets a distinct mean colour so a model can learn something in a few steps.
+    """
+    rng = np.random.default_rng(seed)
+    fine = np.arange(n) % 100
+    colours = np.random.default_rng(0).integers(0, 256, size=(100, 3))
+    images = colours[fine][:, :, None, None] + rng.normal(0, 20, size=(n, 3, 32, 32))
+    data = np.clip(images, 0, 255).astype(np.uint8).reshape(n, 3072)
+    return {b"batch_label": b"synthetic", b"filenames": [f"{i}.png".encode() for i in range(n)],
+            b"data": data, b"fine_labels": fine.tolist(), b"coarse_labels": (fine // 5).tolist()}
+
+
+def make_meta():
+    return {b"fine_label_names": [n.encode() for n in FINE_NAMES],
+            b"coarse_label_names": [n.encode() for n in COARSE_NAMES]}
+
+
+def write_folder(folder, train=None, test=None, meta=None):
+    """Write cifar-100-python/{train,test,meta} under `folder`; returns the cifar-100-python path."""
+    path = os.path.join(folder, "cifar-100-python")
+    os.makedirs(path, exist_ok=True)
+    members = {"train": train if train is not None else make_split(400, 1),
+               "test": test if test is not None else make_split(200, 2),
+               "meta": meta if meta is not None else make_meta()}
+    for name, obj in members.items():
+        with open(os.path.join(path, name), "wb") as f:
+            f.write(obj if isinstance(obj, bytes) else pickle.dumps(obj, protocol=2))
+    return path
+
+
+def write_tarball(path, folder):
+    """Pack an extracted cifar-100-python folder the way the official archive is packed."""
+    with tarfile.open(path, "w:gz") as archive:
+        archive.add(folder, arcname="cifar-100-python")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar_folder(tmp_path_factory):
+    return write_folder(str(tmp_path_factory.mktemp("cifar")))
+
+
+@pytest.fixture(scope="session")
+def cifar_tarball(tmp_path_factory, cifar_folder):
+    return write_tarball(str(tmp_path_factory.mktemp("tar") / "cifar-100-python.tar.gz"), cifar_folder)
+
+
+TINY_ARGS = ["--epochs", "1", "--batch-size", "32", "--validation-split", "0.25", "--precision", "float32",
+             "--cnn-widths", "8,16", "--embed-dim", "16", "--depth", "1", "--num-heads", "2",
+             "--head-units", "32", "--patch-size", "8"]
