@@ -832,8 +832,12 @@ def check_output_path(path):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise InputError(f"--output {path}: folder {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"--output {path}: folder {folder} is not writable; choose another --output")
+    try:  # a real write: permission bits alone miss read-only mounts
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise InputError(f"--output {path}: folder {folder} is not writable ({exc.strerror}); "
+                         "choose another --output") from None
 
 
 def print_parameter_summary(model):

@@ -1,0 +1,79 @@
+"""Command line: invalid values and unusable paths exit with code 2 before any training."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import cifar_hybrid_classifier as chc
+from conftest import ROOT, TINY_ARGS
+
+SCRIPT = os.path.join(ROOT, "cifar_hybrid_classifier.py")
+
+
+@pytest.mark.parametrize("args", [
+    ["--epochs", "0"], ["--batch-size", "0"], ["--batch-size", "-4"], ["--patch-size", "5"],
+    ["--embed-dim", "30", "--num-heads", "4"], ["--validation-split", "0"], ["--validation-split", "1"],
+    ["--validation-split", "1.5"], ["--learning-rate", "0"], ["--precision", "float64"],
+    ["--dropout", "1"], ["--cnn-widths", "64,x"], ["--crop-padding", "-1"], ["--no-such-option"],
+])
+def test_invalid_values_exit_with_code_2(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        chc.main(args)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_config_and_command_line_mirror_each_other():
+    defaults = chc.parse_config([])
+    assert defaults == chc.Config()
+    help_text = chc.build_arg_parser().format_help()
+    for field in chc.dataclasses.fields(chc.Config):
+        assert "--" + field.name.replace("_", "-") in help_text
+    config = chc.parse_config(["--cnn-widths", "8,16", "--no-flip", "--epochs", "3"])
+    assert config.cnn_widths == (8, 16) and config.flip is False and config.epochs == 3
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(result, text):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and text in errors[0], result.stderr
+
+
+def test_missing_data_and_unwritable_output_fail_before_training(tmp_path, cifar_tarball):
+    result = run_script("--data", str(tmp_path / "nope.tar.gz"), "--output", str(tmp_path / "m.keras"))
+    assert_one_line_error(result, "no such file")
+
+    corrupt = tmp_path / "corrupt.tar.gz"
+    corrupt.write_bytes(b"\x1f\x8b not really gzip")
+    result = run_script("--data", str(corrupt), "--output", str(tmp_path / "m.keras"), *TINY_ARGS)
+    assert_one_line_error(result, "not a readable CIFAR-100 .tar.gz archive")
+
+    result = run_script("--data", cifar_tarball, "--output", str(tmp_path / "missing" / "m.keras"))
+    assert_one_line_error(result, "does not exist")
+    assert not (tmp_path / "m.keras").exists()
+
+
+def test_output_checks(tmp_path):
+    with pytest.raises(chc.InputError, match="must end in .keras"):
+        chc.check_output_path(str(tmp_path / "model.h5"))
+    folder = tmp_path / "looks_like.keras"
+    folder.mkdir()
+    with pytest.raises(chc.InputError, match="is a folder"):
+        chc.check_output_path(str(folder))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        with pytest.raises(chc.InputError, match="not writable"):
+            chc.check_output_path(str(locked / "m.keras"))
+    finally:
+        locked.chmod(0o700)

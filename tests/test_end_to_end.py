@@ -1,0 +1,81 @@
+"""The whole program as a user runs it, and the saved model in a fresh process."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+import cifar_hybrid_classifier as chc
+from conftest import FINE_NAMES, ROOT, TINY_ARGS
+
+SCRIPT = os.path.join(ROOT, "cifar_hybrid_classifier.py")
+
+
+def test_script_trains_reports_and_saves(tmp_path, cifar_tarball):
+    output = tmp_path / "cifar_hybrid.keras"
+    result = subprocess.run([sys.executable, SCRIPT, "--data", cifar_tarball, "--output", str(output), *TINY_ARGS],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "precision" in out and "recall" in out and "f1-score" in out
+    assert all(name in out for name in (FINE_NAMES[0], FINE_NAMES[57], FINE_NAMES[99]))
+    assert "test top-1" in out and "top-5" in out
+    assert f"saved the model to {output}" in out
+    assert output.is_file() and output.stat().st_size > 10_000
+    assert [p.name for p in tmp_path.iterdir()] == [output.name]  # no temporary files left behind
+
+
+RELOAD = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import keras
+    import cifar_hybrid_classifier  # registers the custom layers
+    model = keras.models.load_model(sys.argv[1])  # safe_mode stays on
+    np.save(sys.argv[3], model.predict(np.load(sys.argv[2]), verbose=0))
+""")
+
+
+def test_saved_model_reloads_in_a_fresh_process_with_equal_predictions(tmp_path, cifar_folder):
+    config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS])
+    chc.set_seeds(config.seed)
+    trainer = chc.Trainer(config, chc.load_cifar100(cifar_folder), log=lambda *_: None)
+    trainer.fit()
+    model = trainer.export_model()
+    batch = np.random.default_rng(1).integers(0, 256, size=(16, 32, 32, 3), dtype=np.uint8)
+    expected = model.predict(batch, verbose=0)
+
+    path, inputs, outputs = tmp_path / "m.keras", tmp_path / "batch.npy", tmp_path / "probs.npy"
+    chc.save_model_atomically(model, str(path))
+    np.save(inputs, batch)
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    result = subprocess.run([sys.executable, "-c", RELOAD, str(path), str(inputs), str(outputs)],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_allclose(np.load(outputs), expected, atol=1e-5)
+
+
+def test_training_learns_and_keeps_the_best_weights(cifar_folder):
+    config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS, "--epochs", "4", "--learning-rate", "0.01"])
+    chc.set_seeds(config.seed)
+    trainer = chc.Trainer(config, chc.load_cifar100(cifar_folder), log=lambda *_: None)
+    history = trainer.fit()
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    # Warm-up then cosine decay to zero: the peak is reached, the end is near zero.
+    assert history[-1]["learning_rate"] < 1e-4
+    best = max(h["val_accuracy"] for h in history)
+    final = float(np.mean(trainer.predict(trainer.val_pipeline).argmax(-1) == trainer.y_val))
+    assert final == best
+
+
+def test_mixed_precision_model_exports_in_float32(cifar_folder):
+    config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS, "--precision", "mixed_bfloat16"])
+    trainer = chc.Trainer(config, chc.load_cifar100(cifar_folder), log=lambda *_: None)
+    exported = trainer.export_model()
+    assert exported is not trainer.model
+    assert all(layer.dtype_policy.name == "float32" for layer in exported.layers[1:])
+    batch = np.random.default_rng(2).integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_allclose(exported.predict(batch, verbose=0), trainer.model.predict(batch, verbose=0),
+                               atol=0.02)

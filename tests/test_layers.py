@@ -1,0 +1,112 @@
+"""Every layer: output shapes, config round trip, and the model's regularization terms."""
+
+import numpy as np
+import pytest
+import keras
+
+import cifar_hybrid_classifier as chc
+from conftest import TINY_ARGS
+
+RNG = np.random.default_rng(0)
+IMAGES = RNG.integers(0, 256, size=(3, 32, 32, 3)).astype("float32")
+
+
+def round_trip(layer, *inputs):
+    """Rebuild `layer` from its serialized config, copy the weights, and compare outputs."""
+    out = layer(*inputs)
+    config = keras.saving.serialize_keras_object(layer)
+    clone = keras.saving.deserialize_keras_object(config)
+    assert type(clone) is type(layer)
+    assert clone.get_config() == layer.get_config()
+    clone(*inputs)
+    clone.set_weights(layer.get_weights())
+    np.testing.assert_allclose(np.asarray(clone(*inputs)), np.asarray(out), atol=1e-6)
+    return out
+
+
+def test_image_standardization_accepts_uint8_and_float():
+    layer = chc.ImageStandardization()
+    out_float = round_trip(layer, IMAGES)
+    out_uint8 = layer(IMAGES.astype("uint8"))
+    assert out_float.shape == IMAGES.shape
+    np.testing.assert_allclose(np.asarray(out_uint8), np.asarray(out_float), atol=1e-6)
+    expected = (IMAGES - np.array(chc.CIFAR100_MEAN)) / np.array(chc.CIFAR100_STD)
+    np.testing.assert_allclose(np.asarray(out_float), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("patch_size", [2, 4, 8])
+def test_patch_embedding_shape(patch_size):
+    out = round_trip(chc.PatchEmbedding(patch_size, 24), IMAGES)
+    assert tuple(out.shape) == (3, (32 // patch_size) ** 2, 24)
+
+
+def test_class_token_and_position_embedding():
+    tokens = RNG.normal(size=(3, 16, 24)).astype("float32")
+    with_cls = round_trip(chc.ClassToken(), tokens)
+    assert tuple(with_cls.shape) == (3, 17, 24)
+    np.testing.assert_allclose(np.asarray(with_cls)[:, 1:], tokens)
+    # The same learned token is prepended to every image.
+    np.testing.assert_allclose(np.asarray(with_cls)[0, 0], np.asarray(with_cls)[2, 0])
+    positioned = round_trip(chc.PositionEmbedding(), np.asarray(with_cls))
+    assert tuple(positioned.shape) == (3, 17, 24)
+
+
+def test_transformer_block_shape_and_residual():
+    tokens = RNG.normal(size=(2, 17, 32)).astype("float32")
+    block = chc.TransformerEncoderBlock(32, 4, mlp_ratio=2.0, dropout=0.1)
+    out = round_trip(block, tokens)
+    assert tuple(out.shape) == tokens.shape
+    # Zero the two output projections: both residual branches add nothing, so the block is the identity.
+    block.attention._output_dense.kernel.assign(np.zeros(block.attention._output_dense.kernel.shape))
+    block.attention._output_dense.bias.assign(np.zeros(block.attention._output_dense.bias.shape))
+    block.mlp_out.kernel.assign(np.zeros(block.mlp_out.kernel.shape))
+    block.mlp_out.bias.assign(np.zeros(block.mlp_out.bias.shape))
+    np.testing.assert_allclose(np.asarray(block(tokens)), tokens, atol=1e-6)
+
+
+def test_cnn_branch_output_is_a_vector():
+    out = round_trip(chc.CNNBranch((8, 16, 24)), IMAGES)
+    assert tuple(out.shape) == (3, 24)
+
+
+def test_vit_branch_sequence_is_patches_plus_cls():
+    branch = chc.ViTBranch(patch_size=8, embed_dim=16, depth=2, num_heads=2)
+    out = round_trip(branch, IMAGES)
+    assert tuple(out.shape) == (3, 16)
+    tokens = branch.tokens(IMAGES)
+    assert tuple(tokens.shape) == (3, (32 // 8) ** 2 + 1, 16)
+    np.testing.assert_allclose(np.asarray(tokens)[:, 0], np.asarray(out), atol=1e-6)
+    assert len(branch.blocks) == 2
+
+
+def test_fusion_head_softmax_in_float32():
+    cnn = RNG.normal(size=(3, 24)).astype("float32")
+    vit = RNG.normal(size=(3, 16)).astype("float32")
+    head = chc.FusionHead(100, units=32, dropout=0.2, l2=1e-3, dtype="mixed_bfloat16")
+    out = head([cnn, vit])
+    assert tuple(out.shape) == (3, 100)
+    assert keras.backend.standardize_dtype(out.dtype) == "float32"
+    np.testing.assert_allclose(np.asarray(out).sum(-1), 1.0, atol=1e-5)
+    plain = chc.FusionHead(100, units=32, dropout=0.2, l2=1e-3)
+    round_trip(plain, [cnn, vit])
+    assert plain.get_config()["l2"] == 1e-3 and plain.get_config()["dropout"] == 0.2
+
+
+def test_model_losses_are_the_l2_terms_of_the_fusion_head():
+    config = chc.parse_config(TINY_ARGS + ["--l2", "0.01"])
+    model = chc.build_model(config)
+    head = model.get_layer("fusion_head")
+    expected = sorted(0.01 * float(np.sum(np.square(k))) for k in (head.hidden.kernel, head.classifier.kernel))
+    actual = sorted(float(loss) for loss in model.losses)
+    assert len(actual) == 2
+    np.testing.assert_allclose(actual, expected, rtol=1e-5)
+    no_l2 = chc.build_model(chc.parse_config(TINY_ARGS + ["--l2", "0"]))
+    assert sum(float(loss) for loss in no_l2.losses) == 0.0
+
+
+def test_model_maps_raw_images_to_probabilities():
+    model = chc.build_model(chc.parse_config(TINY_ARGS))
+    probs = model.predict(IMAGES.astype("uint8"), verbose=0)
+    assert probs.shape == (3, 100)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(model.predict(IMAGES, verbose=0), probs, atol=1e-6)

@@ -1,0 +1,60 @@
+"""The tf.data pipeline: shapes, dtypes, label safety, determinism, untouched evaluation batches."""
+
+import numpy as np
+
+import cifar_hybrid_classifier as chc
+
+RNG = np.random.default_rng(0)
+IMAGES = RNG.integers(0, 256, size=(100, 32, 32, 3), dtype=np.uint8)
+LABELS = np.arange(100) % 100
+
+
+def collect(dataset):
+    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in dataset])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def test_train_batches_have_static_shapes_and_uint8_pixels():
+    pipeline = chc.AugmentationPipeline(IMAGES, LABELS, batch_size=32, seed=1)
+    batches = list(pipeline.train_dataset(epoch=0))
+    assert len(batches) == pipeline.steps_per_epoch() == 3  # the partial batch is dropped
+    for x, y in batches:
+        assert x.shape == (32, 32, 32, 3) and x.dtype.name == "uint8"
+        assert y.shape == (32,) and y.dtype.name == "int32"
+
+
+def test_augmentation_changes_pixels_but_never_labels():
+    # Uniform images stay uniform under reflect-padded crops and flips, so each pixel
+    # still tells which image (and so which label) it came from.
+    uniform = np.repeat(LABELS.astype(np.uint8), 32 * 32 * 3).reshape(100, 32, 32, 3)
+    x, y = collect(chc.AugmentationPipeline(uniform, LABELS, 10, seed=3).train_dataset(epoch=0))
+    np.testing.assert_array_equal(x[:, 5, 9, 1], y)
+    np.testing.assert_array_equal(np.sort(y), np.sort(LABELS))  # each image once per epoch
+
+    x, y = collect(chc.AugmentationPipeline(IMAGES, LABELS, 10, seed=3).train_dataset(epoch=0))
+    changed = [not np.array_equal(x[i], IMAGES[y[i]]) for i in range(len(y))]
+    assert np.mean(changed) > 0.5
+
+
+def test_flip_only_pipeline_is_an_exact_mirror_or_identity():
+    x, y = collect(chc.AugmentationPipeline(IMAGES, LABELS, 10, seed=4, crop_padding=0).train_dataset(0))
+    for image, label in zip(x, y):
+        assert np.array_equal(image, IMAGES[label]) or np.array_equal(image, IMAGES[label][:, ::-1])
+
+
+def test_same_seed_and_epoch_repeat_and_epochs_differ():
+    pipeline = chc.AugmentationPipeline(IMAGES, LABELS, 10, seed=5, color_jitter=True)
+    first, again = collect(pipeline.train_dataset(0)), collect(pipeline.train_dataset(0))
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    other_epoch = collect(pipeline.train_dataset(1))
+    assert not np.array_equal(first[1], other_epoch[1])
+    other_seed = collect(chc.AugmentationPipeline(IMAGES, LABELS, 10, seed=6).train_dataset(0))
+    assert not np.array_equal(first[1], other_seed[1])
+
+
+def test_evaluation_batches_are_unchanged_and_complete():
+    pipeline = chc.AugmentationPipeline(IMAGES, LABELS, batch_size=32, seed=1)
+    x, y = collect(pipeline.eval_dataset())
+    np.testing.assert_array_equal(x, IMAGES)  # includes the final partial batch of 4
+    np.testing.assert_array_equal(y, LABELS)
