@@ -111,7 +111,10 @@ class Config:
                                       "selection", _open_fraction)
     seed: int = _option(42, "seed for Python, NumPy, TensorFlow, Keras and the input pipeline", int)
     # Optimisation
-    epochs: int = _option(12, "training epochs", _positive_int)
+    epochs: int = _option(12, "training epochs (ignored with --time-budget)", _positive_int)
+    time_budget: float = _option(0.0, "minutes for the whole run, evaluation included: times the first "
+                                 "steps, then fixes epochs and steps so the schedule completes in time; "
+                                 "0 uses --epochs", _non_negative_float)
     batch_size: int = _option(128, "images per training step", _positive_int)
     learning_rate: float = _option(2e-3, "peak AdamW learning rate (reached after warm-up)", _positive_float)
     weight_decay: float = _option(0.05, "AdamW decoupled weight decay (not applied to biases, norms, "
@@ -683,15 +686,58 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise InputError(f"{len(self.train_pipeline)} training images are fewer than one batch of "
                             f"{config.batch_size}; lower --batch-size")
-        self.total_steps = self.steps_per_epoch * config.epochs
+        self.epochs = config.epochs
         with self.strategy.scope():
             self.model = build_model(config, dtype=self.precision)
-            self.optimizer = self._make_optimizer()
         self.loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing,
                                                             reduction=None)
         self.history = []
-        self._train_step = tf.function(self._distributed_train_step)
         self._predict_step = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
+        self._prepare_training()
+
+    def _prepare_training(self):
+        """A fresh optimizer and step function for the current plan (the schedule needs the step count)."""
+        self.total_steps = self.steps_per_epoch * self.epochs
+        with self.strategy.scope():
+            self.optimizer = self._make_optimizer()
+        self._train_step = tf.function(self._distributed_train_step)
+
+    def plan_time_budget(self, seconds, test_images):
+        """Fix epochs and steps per epoch so training, validation and the test pass fit in `seconds`.
+
+        Times real training steps (then restores the initial weights), one validation pass and
+        the test pass it implies, so the plan holds on whatever hardware runs it.
+        """
+        initial = self.model.get_weights()
+        batches = iter(self.train_pipeline.train_dataset(epoch=0))
+        started = time.time()
+        float(self._train_step(*next(batches))[0])
+        compile_seconds = time.time() - started
+        times = []
+        for _ in range(min(12, self.steps_per_epoch - 1)):
+            started = time.time()
+            float(self._train_step(*next(batches))[0])
+            times.append(time.time() - started)
+        step_seconds = float(np.median(times)) if times else compile_seconds
+        self.predict(self.val_pipeline)  # the first pass also traces the function: time the second
+        started = time.time()
+        self.predict(self.val_pipeline)
+        val_seconds = time.time() - started
+        test_seconds = val_seconds * test_images / max(1, len(self.val_pipeline)) + 5.0  # + export and save
+        left = seconds - compile_seconds - test_seconds
+        full = self.train_pipeline.steps_per_epoch()
+        steps = int(left / step_seconds)
+        epochs = max(1, -(-steps // full))
+        steps = int((left - epochs * val_seconds) / step_seconds)  # validation after every epoch costs too
+        if steps < epochs:
+            raise InputError(f"--time-budget leaves {seconds / 60:.2g} min, no time to train (one step takes "
+                             f"{step_seconds:.2f}s, evaluation {test_seconds:.0f}s); raise the budget")
+        self.epochs, self.steps_per_epoch = epochs, min(full, steps // epochs)
+        self.model.set_weights(initial)
+        self._prepare_training()
+        planned = compile_seconds + self.epochs * (self.steps_per_epoch * step_seconds + val_seconds) + test_seconds
+        self.log(f"time plan: {self.epochs} epoch(s) of {self.steps_per_epoch} steps, about {planned / 60:.1f} "
+                 f"minutes ({step_seconds:.3f}s per step, {val_seconds:.0f}s per validation)")
 
     def _split(self):
         from sklearn.model_selection import train_test_split
@@ -744,7 +790,7 @@ class Trainer:
 
     def predict(self, pipeline, model=None):
         """Class probabilities for every image of an evaluation pipeline, in order."""
-        predict_step = self._predict_step if model is None else tf.function(
+        predict_step = self._predict_step if model in (None, self.model) else tf.function(
             lambda x: model(x, training=False), reduce_retracing=True)
         return np.concatenate([predict_step(x).numpy() for x, _ in pipeline.eval_dataset()])
 
@@ -752,9 +798,9 @@ class Trainer:
         c = self.config
         best_accuracy, best_weights = -1.0, None
         dataset_of = (lambda epoch: self.strategy.experimental_distribute_dataset(
-            self.train_pipeline.train_dataset(epoch)))
+            self.train_pipeline.train_dataset(epoch).take(self.steps_per_epoch)))
         verbose = 1 if sys.stdout.isatty() else 0
-        for epoch in range(c.epochs):
+        for epoch in range(self.epochs):
             start = time.time()
             progress = keras.utils.Progbar(self.steps_per_epoch, verbose=verbose, stateful_metrics=["loss", "acc"])
             loss_sum = correct = seen = 0.0
@@ -772,7 +818,7 @@ class Trainer:
             improved = val_accuracy > best_accuracy
             if improved:
                 best_accuracy, best_weights = val_accuracy, self.model.get_weights()
-            self.log(f"epoch {epoch + 1}/{c.epochs}  loss {record['train_loss']:.3f}  "
+            self.log(f"epoch {epoch + 1}/{self.epochs}  loss {record['train_loss']:.3f}  "
                      f"train {100 * record['train_accuracy']:.1f}%  val {100 * val_accuracy:.2f}%"
                      f"{' (best)' if improved else ''}  lr {record['learning_rate']:.2e}  "
                      f"{record['seconds']:.0f}s")
@@ -865,7 +911,11 @@ def run(config):
     trainer = Trainer(config, data)
     print_parameter_summary(trainer.model)
     print(f"precision {trainer.precision}; {len(trainer.y_train)} train / {len(trainer.y_val)} validation images; "
-          f"{config.epochs} epoch(s) of {trainer.steps_per_epoch} steps at batch {config.batch_size}")
+          f"batch {config.batch_size}")
+    if config.time_budget:
+        trainer.plan_time_budget(config.time_budget * 60 - (time.time() - started), len(data.y_test))
+    else:
+        print(f"plan: {trainer.epochs} epoch(s) of {trainer.steps_per_epoch} steps")
     trainer.fit()
 
     model = trainer.export_model()
