@@ -129,6 +129,8 @@ class Config:
     crop_padding: int = _option(4, "pixels of padding before the random 32x32 crop (0 disables)", int)
     flip: bool = _option(True, "random horizontal flips")
     color_jitter: bool = _option(False, "random brightness and contrast jitter")
+    tta: bool = _option(True, "flip test-time augmentation in the final evaluation: average the predictions "
+                        "for each image and its mirror image")
     # Architecture
     cnn_widths: tuple = _option((32, 64, 128), "channels of the CNN stages; each stage halves the resolution",
                                 _widths)
@@ -671,8 +673,9 @@ def _cpu_has_native_bf16():
 class Trainer:
     """Fits the model with AdamW + warm-up/cosine, keeps the best-validation weights."""
 
-    def __init__(self, config, data, strategy=None, log=print):
+    def __init__(self, config, data, strategy=None, log=print, started=None):
         self.config = config
+        self.started = started or time.time()  # the clock that history's "elapsed" reads
         self.data = data
         self.log = log
         self.strategy = strategy or tf.distribute.get_strategy()
@@ -723,8 +726,9 @@ class Trainer:
         started = time.time()
         self.predict(self.val_pipeline)
         val_seconds = time.time() - started
-        test_seconds = val_seconds * test_images / max(1, len(self.val_pipeline)) + 5.0  # + export and save
-        left = seconds - compile_seconds - test_seconds
+        passes = 2 if self.config.tta else 1
+        test_seconds = passes * val_seconds * (1 + test_images / max(1, len(self.val_pipeline))) + 5.0
+        left = 0.95 * seconds - compile_seconds - test_seconds  # 5% margin: real epochs run a little slower
         full = self.train_pipeline.steps_per_epoch()
         steps = int(left / step_seconds)
         epochs = max(1, -(-steps // full))
@@ -788,11 +792,19 @@ class Trainer:
     def learning_rate(self):
         return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
 
-    def predict(self, pipeline, model=None):
-        """Class probabilities for every image of an evaluation pipeline, in order."""
+    def predict(self, pipeline, model=None, flip=False):
+        """Class probabilities for every image of an evaluation pipeline (mirrored if `flip`), in order."""
         predict_step = self._predict_step if model in (None, self.model) else tf.function(
             lambda x: model(x, training=False), reduce_retracing=True)
-        return np.concatenate([predict_step(x).numpy() for x, _ in pipeline.eval_dataset()])
+        return np.concatenate([predict_step(tf.reverse(x, axis=[2]) if flip else x).numpy()
+                               for x, _ in pipeline.eval_dataset()])
+
+    def predict_with_tta(self, pipeline, model=None):
+        """Plain probabilities, and (with --tta) the mean over each image and its mirror image."""
+        plain = self.predict(pipeline, model)
+        if not self.config.tta:
+            return plain, plain
+        return plain, (plain + self.predict(pipeline, model, flip=True)) / 2
 
     def fit(self):
         c = self.config
@@ -811,7 +823,8 @@ class Trainer:
                 seen += c.batch_size * self.strategy.num_replicas_in_sync
                 progress.update(step, [("loss", loss_sum / step), ("acc", correct / seen)])
             val_accuracy = float(np.mean(self.predict(self.val_pipeline).argmax(-1) == self.y_val))
-            record = {"epoch": epoch + 1, "seconds": time.time() - start, "learning_rate": self.learning_rate(),
+            record = {"epoch": epoch + 1, "seconds": time.time() - start, "elapsed": time.time() - self.started,
+                      "learning_rate": self.learning_rate(),
                       "train_loss": loss_sum / max(step, 1), "train_accuracy": correct / max(seen, 1),
                       "val_accuracy": val_accuracy}
             self.history.append(record)
@@ -908,7 +921,7 @@ def run(config):
     data = load_cifar100(config.data)
     print(f"CIFAR-100: {len(data.y_train)} training and {len(data.y_test)} test images "
           f"(loaded in {time.time() - started:.1f}s)")
-    trainer = Trainer(config, data)
+    trainer = Trainer(config, data, started=started)
     print_parameter_summary(trainer.model)
     print(f"precision {trainer.precision}; {len(trainer.y_train)} train / {len(trainer.y_val)} validation images; "
           f"batch {config.batch_size}")
@@ -919,19 +932,27 @@ def run(config):
     trainer.fit()
 
     model = trainer.export_model()
+    if config.tta:  # evidence for test-time augmentation comes from validation data, never the test set
+        plain, flipped = (np.mean(p.argmax(-1) == trainer.y_val) for p in trainer.predict_with_tta(
+            trainer.val_pipeline, model))
+        print(f"validation top-1 {100 * plain:.2f}% plain, {100 * flipped:.2f}% with flip TTA")
     test_pipeline = AugmentationPipeline(data.x_test, data.y_test, config.batch_size)
-    results = evaluate(trainer.predict(test_pipeline, model), data.y_test, data.fine_names)
-    print("\nTest set classification report (fine labels):")
+    plain, probs = trainer.predict_with_tta(test_pipeline, model)
+    results = evaluate(probs, data.y_test, data.fine_names)
+    results["top1_plain"] = float(np.mean(plain.argmax(-1) == data.y_test))
+    print(f"\nTest set classification report (fine labels{', flip TTA' if config.tta else ''}):")
     print(results["report"])
-    print(f"test top-1 {100 * results['top1']:.2f}%  top-5 {100 * results['top5']:.2f}%  "
+    plain_note = f"  (saved model alone, no TTA: {100 * results['top1_plain']:.2f}%)" if config.tta else ""
+    print(f"test top-1 {100 * results['top1']:.2f}%  top-5 {100 * results['top5']:.2f}%{plain_note}  "
           f"wall time {(time.time() - started) / 60:.1f} min")
     save_model_atomically(model, config.output)
     print(f"saved the model to {os.path.abspath(config.output)}")
-    return results
+    return results, trainer
 
 
 def main(argv=None):
     config = parse_config(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines reach logs as they happen
     try:
         run(config)
     except InputError as exc:

@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 import cifar_hybrid_classifier as chc
 from conftest import FINE_NAMES, ROOT, TINY_ARGS
@@ -79,3 +80,27 @@ def test_mixed_precision_model_exports_in_float32(cifar_folder):
     batch = np.random.default_rng(2).integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8)
     np.testing.assert_allclose(exported.predict(batch, verbose=0), trainer.model.predict(batch, verbose=0),
                                atol=0.02)
+
+
+def test_time_budget_plans_whole_epochs_and_restores_the_initial_weights(cifar_folder):
+    config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS])
+    trainer = chc.Trainer(config, chc.load_cifar100(cifar_folder), log=lambda *_: None)
+    initial = trainer.model.get_weights()
+    full = trainer.train_pipeline.steps_per_epoch()
+    trainer.plan_time_budget(seconds=20, test_images=200)
+    assert trainer.epochs >= 1 and 1 <= trainer.steps_per_epoch <= full
+    assert trainer.total_steps == trainer.epochs * trainer.steps_per_epoch
+    for before, after in zip(initial, trainer.model.get_weights()):
+        np.testing.assert_array_equal(before, after)  # the timing steps left no trace
+    assert int(trainer.optimizer.iterations) == 0
+    history = trainer.fit()
+    assert len(history) == trainer.epochs
+    assert int(trainer.optimizer.iterations) == trainer.total_steps
+    assert history[-1]["learning_rate"] < 1e-6  # the cosine decay ran to its end
+
+
+def test_time_budget_too_small_is_a_clear_error(cifar_folder):
+    config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS])
+    trainer = chc.Trainer(config, chc.load_cifar100(cifar_folder), log=lambda *_: None)
+    with pytest.raises(chc.InputError, match="no time to train"):
+        trainer.plan_time_budget(seconds=0.5, test_images=200)
