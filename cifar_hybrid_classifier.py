@@ -111,7 +111,7 @@ class Config:
                                       "selection", _open_fraction)
     seed: int = _option(42, "seed for Python, NumPy, TensorFlow, Keras and the input pipeline", int)
     # Optimisation
-    epochs: int = _option(12, "training epochs (ignored with --time-budget)", _positive_int)
+    epochs: int = _option(10, "training epochs (ignored with --time-budget)", _positive_int)
     time_budget: float = _option(0.0, "minutes for the whole run, evaluation included: times the first "
                                  "steps, then fixes epochs and steps so the schedule completes in time; "
                                  "0 uses --epochs", _non_negative_float)

@@ -104,3 +104,14 @@ def test_time_budget_too_small_is_a_clear_error(cifar_folder):
     trainer = chc.Trainer(config, chc.load_cifar100(cifar_folder), log=lambda *_: None)
     with pytest.raises(chc.InputError, match="no time to train"):
         trainer.plan_time_budget(seconds=0.5, test_images=200)
+
+
+def test_flip_tta_averages_each_image_and_its_mirror(cifar_folder):
+    config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS])
+    trainer = chc.Trainer(config, chc.load_cifar100(cifar_folder), log=lambda *_: None)
+    images = trainer.x_val[:40]
+    pipeline = chc.AugmentationPipeline(images, trainer.y_val[:40], batch_size=16)
+    plain, tta = trainer.predict_with_tta(pipeline)
+    mirrored = trainer.model.predict(images[:, :, ::-1], verbose=0)
+    np.testing.assert_allclose(plain, trainer.model.predict(images, verbose=0), atol=1e-5)
+    np.testing.assert_allclose(tta, (plain + mirrored) / 2, atol=1e-5)
