@@ -670,6 +670,32 @@ def _cpu_has_native_bf16():
 # Trainer: a custom loop (see README, "Design") over a tf.distribute strategy.
 # ----------------------------------------------------------------------------
 
+class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up to `peak`, then cosine decay to zero at `total_steps`.
+
+    Like Keras's `CosineDecay` with warm-up, except that the horizon is a variable: a
+    time-budgeted run that falls behind or gets ahead re-plans its remaining steps and
+    still ends exactly at zero.
+    """
+
+    def __init__(self, peak, total_steps, warmup_fraction):
+        self.peak = float(peak)
+        self.warmup_fraction = float(warmup_fraction)
+        self.total_steps = tf.Variable(float(total_steps), trainable=False, name="total_steps")
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        total = ops.maximum(ops.cast(self.total_steps, "float32"), 1.0)
+        warmup = total * self.warmup_fraction
+        progress = ops.clip((step - warmup) / ops.maximum(total - warmup, 1.0), 0.0, 1.0)
+        decayed = 0.5 * self.peak * (1.0 + ops.cos(np.pi * progress))
+        return ops.where(step < warmup, self.peak * step / ops.maximum(warmup, 1.0), decayed)
+
+    def get_config(self):
+        return {"peak": self.peak, "total_steps": float(self.total_steps.numpy()),
+                "warmup_fraction": self.warmup_fraction}
+
+
 class Trainer:
     """Fits the model with AdamW + warm-up/cosine, keeps the best-validation weights."""
 
@@ -690,6 +716,7 @@ class Trainer:
             raise InputError(f"{len(self.train_pipeline)} training images are fewer than one batch of "
                             f"{config.batch_size}; lower --batch-size")
         self.epochs = config.epochs
+        self.deadline = None  # set by plan_time_budget
         with self.strategy.scope():
             self.model = build_model(config, dtype=self.precision)
         self.loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing,
@@ -711,6 +738,7 @@ class Trainer:
         Times real training steps (then restores the initial weights), one validation pass and
         the test pass it implies, so the plan holds on whatever hardware runs it.
         """
+        planning_started = time.time()
         initial = self.model.get_weights()
         batches = iter(self.train_pipeline.train_dataset(epoch=0))
         started = time.time()
@@ -728,7 +756,8 @@ class Trainer:
         val_seconds = time.time() - started
         passes = 2 if self.config.tta else 1
         test_seconds = passes * val_seconds * (1 + test_images / max(1, len(self.val_pipeline))) + 5.0
-        left = 0.95 * seconds - compile_seconds - test_seconds  # 5% margin: real epochs run a little slower
+        # 5% margin; the compile is paid again because the real plan gets a fresh step function.
+        left = 0.95 * seconds - (time.time() - planning_started) - compile_seconds - test_seconds
         full = self.train_pipeline.steps_per_epoch()
         steps = int(left / step_seconds)
         epochs = max(1, -(-steps // full))
@@ -737,9 +766,11 @@ class Trainer:
             raise InputError(f"--time-budget leaves {seconds / 60:.2g} min, no time to train (one step takes "
                              f"{step_seconds:.2f}s, evaluation {test_seconds:.0f}s); raise the budget")
         self.epochs, self.steps_per_epoch = epochs, min(full, steps // epochs)
+        self.deadline, self.reserve_seconds = planning_started + 0.97 * seconds, test_seconds
         self.model.set_weights(initial)
         self._prepare_training()
-        planned = compile_seconds + self.epochs * (self.steps_per_epoch * step_seconds + val_seconds) + test_seconds
+        planned = (time.time() - planning_started + compile_seconds + test_seconds
+                   + self.epochs * (self.steps_per_epoch * step_seconds + val_seconds))
         self.log(f"time plan: {self.epochs} epoch(s) of {self.steps_per_epoch} steps, about {planned / 60:.1f} "
                  f"minutes ({step_seconds:.3f}s per step, {val_seconds:.0f}s per validation)")
 
@@ -757,13 +788,8 @@ class Trainer:
 
     def _make_optimizer(self):
         c = self.config
-        warmup = int(self.total_steps * c.warmup_fraction)
-        schedule = keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=0.0 if warmup else c.learning_rate,
-            decay_steps=max(1, self.total_steps - warmup),
-            warmup_target=c.learning_rate if warmup else None,
-            warmup_steps=warmup)
-        optimizer = keras.optimizers.AdamW(schedule, weight_decay=c.weight_decay)
+        self.schedule = WarmupCosine(c.learning_rate, self.total_steps, c.warmup_fraction)
+        optimizer = keras.optimizers.AdamW(self.schedule, weight_decay=c.weight_decay)
         optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "cls_token", "position_embedding"])
         if self.precision == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)  # fp16 gradients underflow without it
@@ -822,6 +848,7 @@ class Trainer:
                 correct += float(hits)
                 seen += c.batch_size * self.strategy.num_replicas_in_sync
                 progress.update(step, [("loss", loss_sum / step), ("acc", correct / seen)])
+            train_seconds = time.time() - start
             val_accuracy = float(np.mean(self.predict(self.val_pipeline).argmax(-1) == self.y_val))
             record = {"epoch": epoch + 1, "seconds": time.time() - start, "elapsed": time.time() - self.started,
                       "learning_rate": self.learning_rate(),
@@ -835,10 +862,25 @@ class Trainer:
                      f"train {100 * record['train_accuracy']:.1f}%  val {100 * val_accuracy:.2f}%"
                      f"{' (best)' if improved else ''}  lr {record['learning_rate']:.2e}  "
                      f"{record['seconds']:.0f}s")
+            if self.deadline is not None and epoch + 1 < self.epochs:
+                self._replan(self.epochs - epoch - 1, train_seconds, time.time() - start - train_seconds)
         if best_weights is not None and best_accuracy > val_accuracy:
             self.log(f"restoring the best-validation weights ({100 * best_accuracy:.2f}%)")
             self.model.set_weights(best_weights)
         return self.history
+
+    def _replan(self, remaining_epochs, train_seconds, val_seconds):
+        """Fit the remaining epochs to the pace just measured; the schedule's horizon follows."""
+        step_seconds = train_seconds / self.steps_per_epoch
+        left = self.deadline - time.time() - self.reserve_seconds
+        steps = int((left / remaining_epochs - val_seconds) / step_seconds)
+        steps = max(1, min(self.train_pipeline.steps_per_epoch(), steps))
+        if steps != self.steps_per_epoch:
+            self.steps_per_epoch = steps
+            self.total_steps = int(self.optimizer.iterations) + remaining_epochs * steps
+            self.schedule.total_steps.assign(self.total_steps)
+            self.log(f"re-planned to the measured pace ({step_seconds:.3f}s per step): "
+                     f"{remaining_epochs} more epoch(s) of {steps} steps")
 
     def export_model(self):
         """A float32 copy of the trained model: it runs on any device, with or without bf16/fp16 support."""

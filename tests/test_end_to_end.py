@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -87,7 +88,7 @@ def test_time_budget_plans_whole_epochs_and_restores_the_initial_weights(cifar_f
     trainer = chc.Trainer(config, chc.load_cifar100(cifar_folder), log=lambda *_: None)
     initial = trainer.model.get_weights()
     full = trainer.train_pipeline.steps_per_epoch()
-    trainer.plan_time_budget(seconds=20, test_images=200)
+    trainer.plan_time_budget(seconds=45, test_images=200)
     assert trainer.epochs >= 1 and 1 <= trainer.steps_per_epoch <= full
     assert trainer.total_steps == trainer.epochs * trainer.steps_per_epoch
     for before, after in zip(initial, trainer.model.get_weights()):
@@ -115,3 +116,22 @@ def test_flip_tta_averages_each_image_and_its_mirror(cifar_folder):
     mirrored = trainer.model.predict(images[:, :, ::-1], verbose=0)
     np.testing.assert_allclose(plain, trainer.model.predict(images, verbose=0), atol=1e-5)
     np.testing.assert_allclose(tta, (plain + mirrored) / 2, atol=1e-5)
+
+
+def test_warmup_cosine_schedule_and_moving_horizon():
+    schedule = chc.WarmupCosine(peak=1e-3, total_steps=100, warmup_fraction=0.1)
+    lr = lambda step: float(schedule(step))  # noqa: E731
+    assert lr(0) == 0.0 and abs(lr(5) - 5e-4) < 1e-9 and abs(lr(10) - 1e-3) < 1e-9
+    assert abs(lr(55) - 5e-4) < 1e-8 and lr(100) < 1e-12 and lr(150) < 1e-12
+    schedule.total_steps.assign(60.0)  # a re-plan shortens the run: it still ends at zero
+    assert lr(60) < 1e-12 and lr(30) < 1e-3
+    assert chc.WarmupCosine(**schedule.get_config()).get_config() == schedule.get_config()
+
+
+def test_replan_shrinks_remaining_epochs_when_behind(cifar_folder):
+    config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS, "--epochs", "3"])
+    trainer = chc.Trainer(config, chc.load_cifar100(cifar_folder), log=lambda *_: None)
+    trainer.deadline, trainer.reserve_seconds = time.time(), 0.0  # already out of time
+    trainer._replan(remaining_epochs=2, train_seconds=1.0, val_seconds=0.1)
+    assert trainer.steps_per_epoch == 1
+    assert trainer.total_steps == 2 and float(trainer.schedule.total_steps.numpy()) == 2.0
