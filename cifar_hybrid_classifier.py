@@ -17,7 +17,6 @@ import os
 import pickle
 import platform
 import random
-import shutil
 import sys
 import tarfile
 import tempfile
@@ -929,7 +928,8 @@ def check_output_path(path):
     if not path.endswith(".keras"):
         raise InputError(f"--output {path}: the file name must end in .keras")
     if os.path.isdir(path):
-        raise InputError(f"--output {path}: is a folder; give a file name such as {os.path.join(path, 'cifar_hybrid.keras')}")
+        example = os.path.join(path, "cifar_hybrid.keras")
+        raise InputError(f"--output {path}: is a folder; give a file name such as {example}")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise InputError(f"--output {path}: folder {folder} does not exist; create it first")

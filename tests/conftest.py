@@ -1,6 +1,5 @@
 """Shared fixtures: tiny synthetic CIFAR-100 data written in the official python format."""
 
-import io
 import os
 import pickle
 import sys
