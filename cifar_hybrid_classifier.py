@@ -24,7 +24,6 @@ import time
 import zlib
 from dataclasses import dataclass, field
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # hide TensorFlow's C++ start-up chatter
 
 import numpy as np
 import tensorflow as tf
