@@ -24,7 +24,6 @@ import time
 import zlib
 from dataclasses import dataclass, field
 
-
 import numpy as np
 import tensorflow as tf
 import keras
