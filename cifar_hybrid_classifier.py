@@ -667,6 +667,7 @@ def _cpu_has_native_bf16():
 # Trainer: a custom loop (see README, "Design") over a tf.distribute strategy.
 # ----------------------------------------------------------------------------
 
+@keras.saving.register_keras_serializable(package="cifar_hybrid")
 class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warm-up to `peak`, then cosine decay to zero at `total_steps`.
 
