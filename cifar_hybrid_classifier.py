@@ -11,16 +11,23 @@ things; everything runs from `main()`.
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import io
+import json
+import math
 import os
 import pickle
 import platform
 import random
+import shutil
+import signal
 import sys
 import tarfile
 import tempfile
+import threading
 import time
+import zipfile
 import zlib
 from dataclasses import dataclass, field
 
@@ -103,12 +110,17 @@ class Config:
     # Data and output
     data: str | None = _option(None, "CIFAR-100 python archive (cifar-100-python.tar.gz) or its extracted "
                                "folder; without it Keras downloads and caches the data set", str)
-    output: str = _option("cifar_hybrid.keras", "where to save the trained model (.keras)", str)
+    output: str = _option("cifar_hybrid.keras", "where to save the trained model (.keras); the history "
+                          "CSV is written beside it", str)
+    checkpoint_dir: str | None = _option(None, "folder for the training-state backup that an interrupted run "
+                                         "resumes from (default: the --output name with .backup instead of "
+                                         ".keras); removed after a successful run", str)
+    fresh: bool = _option(False, "ignore an existing backup and start from scratch")
     validation_split: float = _option(0.1, "fraction of the training set held out, stratified, for model "
                                       "selection", _open_fraction)
     seed: int = _option(42, "seed for Python, NumPy, TensorFlow, Keras and the input pipeline", int)
     # Optimisation
-    epochs: int = _option(10, "training epochs (ignored with --time-budget)", _positive_int)
+    epochs: int = _option(12, "training epochs (ignored with --time-budget)", _positive_int)
     time_budget: float = _option(0.0, "minutes for the whole run, evaluation included: times the first "
                                  "steps, then fixes epochs and steps so the schedule completes in time; "
                                  "0 uses --epochs", _non_negative_float)
@@ -173,6 +185,10 @@ def parse_config(argv=None):
         parser.error(f"--num-heads {config.num_heads} must divide --embed-dim {config.embed_dim}")
     if config.crop_padding < 0 or config.crop_padding > IMAGE_SHAPE[0]:
         parser.error(f"--crop-padding must be between 0 and {IMAGE_SHAPE[0]}, got {config.crop_padding}")
+    if config.checkpoint_dir is None:
+        config.checkpoint_dir = os.path.splitext(config.output)[0] + ".backup"
+    if os.path.abspath(config.checkpoint_dir) == os.path.abspath(config.output):
+        parser.error("--checkpoint-dir must differ from --output")
     return config
 
 
@@ -694,6 +710,27 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
                 "warmup_fraction": self.warmup_fraction}
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM: the state is backed up; the command line exits with `exit_code` (130 or 143)."""
+
+    def __init__(self, exit_code, message):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class TrainingDiverged(Exception):
+    """A non-finite loss: the command line exits with code 3 and keeps every earlier file."""
+
+
+RESUME_IGNORES = ("data", "output", "checkpoint_dir", "fresh", "tta")  # options a resumed run may change
+
+
+def backup_fingerprint(config):
+    """The options that shape training, as JSON: a backup resumes only under the same ones."""
+    return json.dumps({k: v for k, v in dataclasses.asdict(config).items() if k not in RESUME_IGNORES},
+                      sort_keys=True)
+
+
 class Trainer:
     """Fits the model with AdamW + warm-up/cosine, keeps the best-validation weights."""
 
@@ -720,6 +757,8 @@ class Trainer:
         self.loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing,
                                                             reduction=None)
         self.history = []
+        self.start_epoch, self.start_step, self.partial = 0, 0, (0.0, 0.0, 0.0)  # where fit() begins
+        self.best_accuracy, self.stop_signal = -1.0, None
         self._predict_step = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
         self._prepare_training()
 
@@ -728,7 +767,90 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * self.epochs
         with self.strategy.scope():
             self.optimizer = self._make_optimizer()
+            self.optimizer.build(self.model.trainable_variables)  # its slots must exist before a restore
         self._train_step = tf.function(self._distributed_train_step)
+        self._make_backup()
+
+    # -- backup and resume: TensorFlow's CheckpointManager (README, "Interrupting and resuming") --
+
+    def _make_backup(self):
+        with self.strategy.scope():
+            self.best_weights = [tf.Variable(w, trainable=False) for w in self.model.get_weights()]
+        self.state = {"epoch": tf.Variable(0, dtype=tf.int64), "step": tf.Variable(0, dtype=tf.int64),
+                      "epochs": tf.Variable(0, dtype=tf.int64), "steps_per_epoch": tf.Variable(0, dtype=tf.int64),
+                      "partial": tf.Variable([0.0, 0.0, 0.0], dtype=tf.float64),
+                      "best_accuracy": tf.Variable(-1.0, dtype=tf.float64),
+                      "history": tf.Variable(""), "config": tf.Variable(backup_fingerprint(self.config))}
+        # model.variables (not .weights) also holds the dropout seed state.
+        checkpoint = tf.train.Checkpoint(model=list(self.model.variables), optimizer=list(self.optimizer.variables),
+                                         best_weights=self.best_weights, horizon=self.schedule.total_steps,
+                                         **self.state)
+        self.backup = tf.train.CheckpointManager(checkpoint, self.config.checkpoint_dir, max_to_keep=1)
+
+    def _save_backup(self, epoch, step, partial=(0.0, 0.0, 0.0)):
+        """Everything a resumed run needs; the manager writes new files and then swaps its index atomically."""
+        values = {"epoch": epoch, "step": step, "epochs": self.epochs, "steps_per_epoch": self.steps_per_epoch,
+                  "partial": partial, "best_accuracy": self.best_accuracy, "history": json.dumps(self.history)}
+        for name, value in values.items():
+            self.state[name].assign(value)
+        self.backup.save()
+
+    def resume(self):
+        """Restore the last backup (unless --fresh); True if this run continues an earlier one."""
+        folder, path = self.config.checkpoint_dir, self.backup.latest_checkpoint
+        if path is None:
+            return False
+        if self.config.fresh:
+            self.log(f"--fresh: ignoring the backup in {folder}")
+            return False
+        try:
+            saved = json.loads(tf.train.load_variable(path, "config/.ATTRIBUTES/VARIABLE_VALUE"))
+            ours = json.loads(backup_fingerprint(self.config))
+            changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {v}" for k, v in ours.items() if saved.get(k) != v]
+            if changed:
+                raise InputError(f"the backup in {folder} is from a run with other options ({'; '.join(changed)}); "
+                                 "rerun with the same options to resume, or add --fresh to start over")
+            self.backup.checkpoint.restore(path).assert_existing_objects_matched()
+        except InputError:
+            raise
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"the backup in {folder} is damaged ({reason}); add --fresh to start over") from None
+        state = {name: v.numpy() for name, v in self.state.items()}
+        self.epochs, self.steps_per_epoch = int(state["epochs"]), int(state["steps_per_epoch"])
+        self.total_steps = int(self.schedule.total_steps.numpy())
+        self.start_epoch, self.start_step = int(state["epoch"]), int(state["step"])
+        self.partial, self.best_accuracy = tuple(state["partial"]), float(state["best_accuracy"])
+        self.history = json.loads(state["history"])
+        self.log(f"resuming from the backup in {folder}: epoch {self.start_epoch + 1} of {self.epochs}, "
+                 f"{self.start_step} of {self.steps_per_epoch} steps done, learning rate {self.learning_rate():.9g}")
+        return True
+
+    def remove_backup(self):
+        """Delete the files the backup manager wrote (only those: the folder may be the user's)."""
+        folder = self.config.checkpoint_dir
+        for prefix in self.backup.checkpoints:
+            for name in tf.io.gfile.glob(prefix + ".*"):
+                os.remove(name)
+        if os.path.exists(os.path.join(folder, "checkpoint")):
+            os.remove(os.path.join(folder, "checkpoint"))
+        if os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+
+    def request_stop(self, signum, frame=None):
+        """Signal handler: finish the current batch, back up, exit 128 + signal; a second signal exits at once."""
+        if self.stop_signal is not None:
+            os.write(2, b"\nsecond interrupt: quitting at once\n")
+            os._exit(128 + signum)
+        self.stop_signal = signum
+        os.write(2, b"\nstopping after this batch and saving a backup (interrupt again to quit at once)\n")
+
+    def check_stop(self):
+        """Raise `TrainingInterrupted` if a stop was requested (call it right after a backup)."""
+        if self.stop_signal is not None:
+            raise TrainingInterrupted(
+                128 + self.stop_signal, f"interrupted by {signal.Signals(self.stop_signal).name}: the training "
+                f"state is saved in {self.config.checkpoint_dir}; run the same command again to resume")
 
     def plan_time_budget(self, seconds, test_images):
         """Fix epochs and steps per epoch so training, validation and the test pass fit in `seconds`.
@@ -831,21 +953,31 @@ class Trainer:
         return plain, (plain + self.predict(pipeline, model, flip=True)) / 2
 
     def fit(self):
+        """Train from `start_epoch`/`start_step` (non-zero after `resume`), backing up after every epoch."""
         c = self.config
-        best_accuracy, best_weights = -1.0, None
-        dataset_of = (lambda epoch: self.strategy.experimental_distribute_dataset(
-            self.train_pipeline.train_dataset(epoch).take(self.steps_per_epoch)))
         verbose = 1 if sys.stdout.isatty() else 0
-        for epoch in range(self.epochs):
-            start = time.time()
+        for epoch in range(self.start_epoch, self.epochs):
+            start, done = time.time(), self.start_step
+            loss_sum, correct, seen = self.partial if done else (0.0, 0.0, 0.0)
+            self.start_step = 0
+            dataset = self.strategy.experimental_distribute_dataset(
+                self.train_pipeline.train_dataset(epoch).take(self.steps_per_epoch).skip(done))
             progress = keras.utils.Progbar(self.steps_per_epoch, verbose=verbose, stateful_metrics=["loss", "acc"])
-            loss_sum = correct = seen = 0.0
-            for step, (images, labels) in enumerate(dataset_of(epoch), 1):
+            step = done
+            for step, (images, labels) in enumerate(dataset, done + 1):
                 loss, hits = self._train_step(images, labels)
-                loss_sum += float(loss)
-                correct += float(hits)
+                loss = float(loss)
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"the training loss became {loss} at epoch {epoch + 1}, batch {step}; the last backup "
+                        f"(in {c.checkpoint_dir}, if any) and any earlier model file are untouched; lower "
+                        "--learning-rate and add --fresh to start over")
+                loss_sum, correct = loss_sum + loss, correct + float(hits)
                 seen += c.batch_size * self.strategy.num_replicas_in_sync
                 progress.update(step, [("loss", loss_sum / step), ("acc", correct / seen)])
+                if self.stop_signal is not None:
+                    self._save_backup(epoch, step, (loss_sum, correct, seen))
+                    self.check_stop()
             train_seconds = time.time() - start
             val_accuracy = float(np.mean(self.predict(self.val_pipeline).argmax(-1) == self.y_val))
             record = {"epoch": epoch + 1, "seconds": time.time() - start, "elapsed": time.time() - self.started,
@@ -853,18 +985,22 @@ class Trainer:
                       "train_loss": loss_sum / max(step, 1), "train_accuracy": correct / max(seen, 1),
                       "val_accuracy": val_accuracy}
             self.history.append(record)
-            improved = val_accuracy > best_accuracy
+            improved = val_accuracy > self.best_accuracy
             if improved:
-                best_accuracy, best_weights = val_accuracy, self.model.get_weights()
+                self.best_accuracy = val_accuracy
+                for best, weight in zip(self.best_weights, self.model.weights):
+                    best.assign(weight)
+            self._save_backup(epoch + 1, 0)
             self.log(f"epoch {epoch + 1}/{self.epochs}  loss {record['train_loss']:.3f}  "
                      f"train {100 * record['train_accuracy']:.1f}%  val {100 * val_accuracy:.2f}%"
                      f"{' (best)' if improved else ''}  lr {record['learning_rate']:.2e}  "
                      f"{record['seconds']:.0f}s")
+            self.check_stop()
             if self.deadline is not None and epoch + 1 < self.epochs:
                 self._replan(self.epochs - epoch - 1, train_seconds, time.time() - start - train_seconds)
-        if best_weights is not None and best_accuracy > val_accuracy:
-            self.log(f"restoring the best-validation weights ({100 * best_accuracy:.2f}%)")
-            self.model.set_weights(best_weights)
+        if self.history and self.best_accuracy > self.history[-1]["val_accuracy"]:
+            self.log(f"restoring the best-validation weights ({100 * self.best_accuracy:.2f}%)")
+            self.model.set_weights([w.numpy() for w in self.best_weights])
         return self.history
 
     def _replan(self, remaining_epochs, train_seconds, val_seconds):
@@ -905,22 +1041,60 @@ def evaluate(probs, labels, class_names):
             "report": report}
 
 
-def save_model_atomically(model, path):
-    """Write to a temporary file beside `path`, then rename: a failed save never leaves half a model."""
+def write_atomically(path, write):
+    """`write(temporary_path)` beside `path`, then rename: an interrupted write never leaves half a file
+    and never touches the previous one."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".keras", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     os.close(fd)
     try:
-        model.save(tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def save_model_atomically(model, path):
+    write_atomically(path, model.save)
+
+
+def write_history_csv(history, path):
+    fields = ["epoch", "seconds", "elapsed", "learning_rate", "train_loss", "train_accuracy", "val_accuracy"]
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows({k: f"{v:.9g}" if isinstance(v, float) else v for k, v in h.items()} for h in history)
+    write_atomically(path, write)
+
+
+def load_model(path):
+    """Load a saved model; a missing, truncated or foreign file is a one-line `InputError`."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such model file")
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"{path}: not a .keras model file (truncated or damaged?)")
+    try:
+        return keras.models.load_model(path)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: cannot load the model ({reason})") from None
+
+
 # ----------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------
+
+def _check_writable(folder, option, value):
+    try:  # a real write: permission bits alone miss read-only mounts
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise InputError(f"{option} {value}: folder {folder} is not writable ({exc.strerror}); "
+                         f"choose another {option}") from None
+
 
 def check_output_path(path):
     """Fail fast (before loading data or training) if the model cannot be written."""
@@ -932,12 +1106,29 @@ def check_output_path(path):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise InputError(f"--output {path}: folder {folder} does not exist; create it first")
-    try:  # a real write: permission bits alone miss read-only mounts
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise InputError(f"--output {path}: folder {folder} is not writable ({exc.strerror}); "
-                         "choose another --output") from None
+    _check_writable(folder, "--output", path)
+
+
+def check_checkpoint_dir(path):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"--checkpoint-dir {path}: is a file, not a folder; choose another --checkpoint-dir")
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"--checkpoint-dir {path}: folder {folder} does not exist; create it first")
+    _check_writable(folder, "--checkpoint-dir", path)
+
+
+def check_free_space(config, parameters):
+    """The model file plus a backup (weights, best weights, two AdamW slots) must fit, with headroom."""
+    need = {os.path.dirname(os.path.abspath(config.output)): 4 * parameters + (8 << 20)}
+    backup_folder = config.checkpoint_dir if os.path.isdir(config.checkpoint_dir) else \
+        os.path.dirname(os.path.abspath(config.checkpoint_dir))
+    need[backup_folder] = need.get(backup_folder, 0) + 2 * 16 * parameters + (8 << 20)  # old and new backup
+    for folder, size in need.items():
+        free = shutil.disk_usage(folder).free
+        if free < size:
+            raise InputError(f"{folder}: {free / 1e6:.1f} MB free, but the model and its backup need about "
+                             f"{size / 1e6:.0f} MB; free some space or choose another --output")
 
 
 def print_parameter_summary(model):
@@ -955,6 +1146,7 @@ def set_seeds(seed):
 
 def run(config):
     check_output_path(config.output)
+    check_checkpoint_dir(config.checkpoint_dir)
     if config.data is not None and not os.path.exists(config.data):
         raise InputError(f"--data {config.data}: no such file or folder")
     set_seeds(config.seed)
@@ -963,16 +1155,35 @@ def run(config):
     print(f"CIFAR-100: {len(data.y_train)} training and {len(data.y_test)} test images "
           f"(loaded in {time.time() - started:.1f}s)")
     trainer = Trainer(config, data, started=started)
+    check_free_space(config, trainer.model.count_params())
     print_parameter_summary(trainer.model)
     print(f"precision {trainer.precision}; {len(trainer.y_train)} train / {len(trainer.y_val)} validation images; "
           f"batch {config.batch_size}")
-    if config.time_budget:
-        trainer.plan_time_budget(config.time_budget * 60 - (time.time() - started), len(data.y_test))
-    else:
-        print(f"plan: {trainer.epochs} epoch(s) of {trainer.steps_per_epoch} steps")
-    trainer.fit()
+    if not trainer.resume():  # a resumed run keeps the plan its backup holds
+        if config.time_budget:
+            trainer.plan_time_budget(config.time_budget * 60 - (time.time() - started), len(data.y_test))
+        else:
+            print(f"plan: {trainer.epochs} epoch(s) of {trainer.steps_per_epoch} steps")
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = {s: signal.signal(s, trainer.request_stop) for s in (signal.SIGINT, signal.SIGTERM)} \
+        if in_main_thread else {}
+    try:
+        trainer.fit()
+        model = trainer.export_model()
+        results = evaluate_on_test_set(trainer, model, data, started)
+        trainer.check_stop()  # the backup already holds the finished training
+        save_model_atomically(model, config.output)
+        write_history_csv(trainer.history, os.path.splitext(config.output)[0] + ".history.csv")
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    trainer.remove_backup()
+    print(f"saved the model to {os.path.abspath(config.output)}")
+    return results, trainer
 
-    model = trainer.export_model()
+
+def evaluate_on_test_set(trainer, model, data, started):
+    config = trainer.config
     if config.tta:  # evidence for test-time augmentation comes from validation data, never the test set
         plain, flipped = (np.mean(p.argmax(-1) == trainer.y_val) for p in trainer.predict_with_tta(
             trainer.val_pipeline, model))
@@ -986,9 +1197,7 @@ def run(config):
     plain_note = f"  (saved model alone, no TTA: {100 * results['top1_plain']:.2f}%)" if config.tta else ""
     print(f"test top-1 {100 * results['top1']:.2f}%  top-5 {100 * results['top5']:.2f}%{plain_note}  "
           f"wall time {(time.time() - started) / 60:.1f} min")
-    save_model_atomically(model, config.output)
-    print(f"saved the model to {os.path.abspath(config.output)}")
-    return results, trainer
+    return results
 
 
 def main(argv=None):
@@ -999,6 +1208,15 @@ def main(argv=None):
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except TrainingInterrupted as exc:
+        print(exc, file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:  # before training started: nothing to back up
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

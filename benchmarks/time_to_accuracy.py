@@ -27,9 +27,12 @@ def main():
     started = time.time()
     try:
         results, trainer = chc.run(config)
-    except chc.InputError as exc:
+    except (chc.InputError, chc.TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 3 if isinstance(exc, chc.TrainingDiverged) else 2
+    except chc.TrainingInterrupted as exc:
+        print(exc, file=sys.stderr)
+        return exc.exit_code
     fields = ["epoch", "elapsed_s", "learning_rate", "train_loss", "val_top1", "test_top1", "test_top5"]
     with open(known.csv, "w", newline="") as f:
         writer = csv.writer(f)

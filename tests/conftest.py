@@ -67,3 +67,9 @@ def cifar_tarball(tmp_path_factory, cifar_folder):
 TINY_ARGS = ["--epochs", "1", "--batch-size", "32", "--validation-split", "0.25", "--precision", "float32",
              "--cnn-widths", "8,16", "--embed-dim", "16", "--depth", "1", "--num-heads", "2",
              "--head-units", "32", "--patch-size", "8"]
+
+
+@pytest.fixture(autouse=True)
+def _work_in_tmp_path(tmp_path, monkeypatch):
+    """Default outputs (the model, its backup folder) land in a per-test folder, never in the checkout."""
+    monkeypatch.chdir(tmp_path)

@@ -26,7 +26,8 @@ def test_script_trains_reports_and_saves(tmp_path, cifar_tarball):
     assert "test top-1" in out and "top-5" in out
     assert f"saved the model to {output}" in out
     assert output.is_file() and output.stat().st_size > 10_000
-    assert [p.name for p in tmp_path.iterdir()] == [output.name]  # no temporary files left behind
+    # No temporary files or backup left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar_hybrid.history.csv", output.name]
 
 
 RELOAD = textwrap.dedent("""

@@ -1,0 +1,384 @@
+"""Fault injection in real processes: kill -9, signals, interrupted saves, NaN losses, hostile input."""
+
+import csv
+import os
+import pickle
+import queue
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import cifar_hybrid_classifier as chc
+from conftest import ROOT, TINY_ARGS, make_split, write_folder, write_tarball
+
+SCRIPT = os.path.join(ROOT, "cifar_hybrid_classifier.py")
+FOUR_EPOCHS = [*TINY_ARGS, "--epochs", "4"]  # argparse keeps the last --epochs
+ENV = {**os.environ, "PYTHONPATH": ROOT}
+
+
+@pytest.fixture(scope="module")
+def slow_folder(tmp_path_factory):
+    """Enough images (37 steps per epoch) that a signal sent at an epoch boundary lands in the next epoch."""
+    return write_folder(str(tmp_path_factory.mktemp("cifar_slow")), train=make_split(1600, 5))
+
+
+def run_script(*args, cwd=None, code=None):
+    command = [sys.executable, "-c", code, *args] if code else [sys.executable, SCRIPT, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=cwd, env=ENV)
+
+
+class Child:
+    """A training process whose stdout lines can be awaited; always reaped."""
+
+    def __init__(self, args, stderr_path):
+        self.stderr = open(stderr_path, "w")
+        self.proc = subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE,
+                                     stderr=self.stderr, text=True, env=ENV)
+        self.lines = queue.Queue()
+        self.output = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, text, timeout=300):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            line = self.lines.get(timeout=max(0.1, deadline - time.time()))
+            if line is None:
+                break
+            self.output.append(line)
+            if text in line:
+                return
+        raise AssertionError(f"never printed {text!r}:\n{''.join(self.output)[-3000:]}")
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=60)
+        self.stderr.close()
+
+
+def read_history(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def resume_line(stdout):
+    match = re.search(r"resuming from the backup in .*: epoch (\d+) of (\d+), (\d+) of (\d+) steps done, "
+                      r"learning rate (\S+)", stdout)
+    assert match, stdout[-3000:]
+    return match
+
+
+def test_kill_9_after_epoch_2_resumes_at_epoch_3_on_the_same_schedule(tmp_path, slow_folder):
+    args = ["--data", slow_folder, *FOUR_EPOCHS]
+    reference = run_script(*args, "--output", str(tmp_path / "reference.keras"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    uninterrupted = read_history(tmp_path / "reference.history.csv")
+
+    output = tmp_path / "cifar_hybrid.keras"
+    child = Child([*args, "--output", str(output)], tmp_path / "killed.err")
+    try:
+        child.wait_for("epoch 2/4")
+        child.proc.send_signal(signal.SIGKILL)
+    finally:
+        child.close()
+    assert child.proc.returncode == -signal.SIGKILL
+    assert (tmp_path / "cifar_hybrid.backup" / "checkpoint").is_file() and not output.exists()
+
+    resumed = run_script(*args, "--output", str(output))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    match = resume_line(resumed.stdout)
+    assert (match[1], match[2], match[3]) == ("3", "4", "0")
+    # The first resumed step uses the rate the uninterrupted run had after epoch 2.
+    assert float(match[5]) == pytest.approx(float(uninterrupted[1]["learning_rate"]), rel=1e-6)
+    assert re.findall(r"^epoch (\d)/4", resumed.stdout, re.M) == ["3", "4"]
+    history = read_history(tmp_path / "cifar_hybrid.history.csv")
+    assert [h["epoch"] for h in history] == ["1", "2", "3", "4"]
+    assert [h["learning_rate"] for h in history] == [h["learning_rate"] for h in uninterrupted]
+    assert output.is_file() and not (tmp_path / "cifar_hybrid.backup").exists()
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_mid_epoch_backs_up_and_the_rerun_resumes(tmp_path, slow_folder, signum, code):
+    args = ["--data", slow_folder, *FOUR_EPOCHS, "--output", str(tmp_path / "m.keras")]
+    child = Child(args, tmp_path / "stopped.err")
+    try:
+        child.wait_for("epoch 1/4")
+        time.sleep(0.3)  # into epoch 2
+        child.proc.send_signal(signum)
+        assert child.proc.wait(timeout=120) == code
+    finally:
+        child.close()
+    stderr = (tmp_path / "stopped.err").read_text()
+    assert "Traceback" not in stderr and "run the same command again to resume" in stderr
+
+    resumed = run_script(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    match = resume_line(resumed.stdout)
+    assert match[1] == "2"
+    assert [h["epoch"] for h in read_history(tmp_path / "m.history.csv")] == ["1", "2", "3", "4"]
+
+
+def test_stop_mid_epoch_resumes_at_the_next_batch(tmp_path, slow_folder):
+    config = chc.parse_config(["--data", slow_folder, *FOUR_EPOCHS, "--checkpoint-dir", str(tmp_path / "b")])
+    data = chc.load_cifar100(slow_folder)
+    chc.set_seeds(config.seed)
+    trainer = chc.Trainer(config, data, log=lambda *_: None)
+    step = trainer._train_step
+
+    def stop_at_step_45(images, labels):
+        result = step(images, labels)
+        if int(trainer.optimizer.iterations) == 45:
+            trainer.request_stop(signal.SIGINT)
+        return result
+
+    trainer._train_step = stop_at_step_45
+    with pytest.raises(chc.TrainingInterrupted) as stopped:
+        trainer.fit()
+    assert stopped.value.exit_code == 130
+
+    resumed = chc.Trainer(config, data, log=lambda *_: None)
+    assert resumed.resume()
+    assert (resumed.start_epoch, resumed.start_step, int(resumed.optimizer.iterations)) == (1, 8, 45)
+    assert resumed.learning_rate() == pytest.approx(float(resumed.schedule(45)))
+    resumed.fit()
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+    assert int(resumed.optimizer.iterations) == 4 * 37
+
+
+DIES_WHILE_SAVING = textwrap.dedent("""
+    import os, sys
+    import keras
+    import cifar_hybrid_classifier as chc
+    model = chc.build_model(chc.parse_config(sys.argv[2:]))
+    def save_half_and_die(self, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"PK\\x03\\x04" + b"half a model" * 100)
+        os._exit(9)  # as if killed mid-write
+    keras.Model.save = save_half_and_die
+    chc.save_model_atomically(model, sys.argv[1])
+""")
+
+
+def test_interrupted_save_leaves_the_previous_model_loadable(tmp_path):
+    path = tmp_path / "cifar_hybrid.keras"
+    chc.save_model_atomically(chc.build_model(chc.parse_config(TINY_ARGS)), str(path))
+    before = path.read_bytes()
+    result = run_script(str(path), *TINY_ARGS, code=DIES_WHILE_SAVING)
+    assert result.returncode == 9, result.stderr[-3000:]
+    assert path.read_bytes() == before
+    assert chc.load_model(str(path)).count_params() > 0
+
+
+NAN_AT_STEP_50 = textwrap.dedent("""
+    import sys
+    import tensorflow as tf
+    import cifar_hybrid_classifier as chc
+    step = chc.Trainer._distributed_train_step
+    def poisoned(self, images, labels):
+        loss, correct = step(self, images, labels)
+        return tf.where(self.optimizer.iterations >= 50, float("nan"), loss), correct
+    chc.Trainer._distributed_train_step = poisoned
+    sys.exit(chc.main(sys.argv[1:]))
+""")
+
+
+def test_nan_loss_stops_with_exit_3_and_keeps_earlier_files(tmp_path, slow_folder):
+    output = tmp_path / "m.keras"
+    output.write_bytes(b"an earlier model")
+    args = ["--data", slow_folder, *FOUR_EPOCHS, "--output", str(output)]
+    result = run_script(*args, code=NAN_AT_STEP_50)  # 37 steps per epoch: step 50 is in epoch 2
+    assert result.returncode == 3, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "epoch 2, batch 13" in errors[0] and "Traceback" not in result.stderr
+    assert output.read_bytes() == b"an earlier model"
+    output.unlink()
+    resumed = run_script(*args)  # the epoch-1 backup is intact and resumes
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resume_line(resumed.stdout)[1] == "2"
+
+
+# ---- hostile input: exit 2, one line, no traceback, before any training ----
+
+def corrupt_folder(tmp_path, **members):
+    return write_folder(str(tmp_path / "bad"), **members)
+
+
+class RunsCommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _split_with(**changes):
+    split = make_split(400, 1)
+    split.update({k.encode(): v for k, v in changes.items()})
+    return split
+
+
+def _without(key):
+    split = make_split(400, 1)
+    del split[key.encode()]
+    return split
+
+
+def _tarball_without_meta(tmp_path):
+    folder = corrupt_folder(tmp_path)
+    os.remove(os.path.join(folder, "meta"))
+    return write_tarball(str(tmp_path / "nometa.tar.gz"), folder)
+
+
+def _truncated_tarball(tmp_path):
+    path = write_tarball(str(tmp_path / "full.tar.gz"), corrupt_folder(tmp_path))
+    data = open(path, "rb").read()
+    (tmp_path / "cut.tar.gz").write_bytes(data[: len(data) // 2])
+    return str(tmp_path / "cut.tar.gz")
+
+
+def _file(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    return str(tmp_path / name)
+
+
+HOSTILE_DATA = {
+    "missing file": (lambda t: str(t / "nope.tar.gz"), "no such file"),
+    "empty file": (lambda t: _file(t, "empty.tar.gz", b""), "not a readable CIFAR-100 .tar.gz archive"),
+    "not gzip": (lambda t: _file(t, "x.tar.gz", b"hello, not gzip" * 10), "not a readable CIFAR-100"),
+    "truncated archive": (_truncated_tarball, "not a readable CIFAR-100"),
+    "archive without members": (_tarball_without_meta, "archive lacks meta"),
+    "wrong keys": (lambda t: corrupt_folder(t, train=_without("fine_labels")), "no 'fine_labels' entry"),
+    "wrong shape": (lambda t: corrupt_folder(t, train=_split_with(data=make_split(400, 1)[b"data"][:, :100])),
+                    "expected uint8 (N, 3072)"),
+    "wrong dtype": (lambda t: corrupt_folder(t, train=_split_with(
+        data=make_split(400, 1)[b"data"].astype("float32"))), "expected uint8 (N, 3072)"),
+    "labels out of range": (lambda t: corrupt_folder(t, train=_split_with(fine_labels=[100] * 400)),
+                            "fine_labels out of range"),
+    "truncated pickle": (lambda t: corrupt_folder(t, train=pickle.dumps(make_split(400, 1), protocol=2)[:5000]),
+                         "not a valid CIFAR-100 pickle"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_DATA))
+def test_hostile_data_is_one_line_exit_2(tmp_path, case):
+    make, message = HOSTILE_DATA[case]
+    result = run_script("--data", make(tmp_path), "--output", str(tmp_path / "m.keras"), *TINY_ARGS)
+    assert_one_line_error(result, message)
+    assert not (tmp_path / "m.keras").exists()
+
+
+def assert_one_line_error(result, text):
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and text in errors[0], result.stderr
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    folder = corrupt_folder(tmp_path, train=pickle.dumps(_split_with(batch_label=RunsCommand(marker)), protocol=2))
+    result = run_script("--data", write_tarball(str(tmp_path / "evil.tar.gz"), folder),
+                        "--output", str(tmp_path / "m.keras"), *TINY_ARGS)
+    assert_one_line_error(result, "refusing to load posix.system")
+    assert not marker.exists()
+
+
+# As root, permission bits do not stop reads or writes; these wrappers make the OS refuse instead.
+UNREADABLE_TRAIN = textwrap.dedent("""
+    import builtins, errno, sys
+    real_open = builtins.open
+    def refusing_open(path, *args, **kwargs):
+        if str(path).endswith("/train"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+    builtins.open = refusing_open
+    import cifar_hybrid_classifier as chc
+    sys.exit(chc.main(sys.argv[1:]))
+""")
+
+READ_ONLY_FOLDERS = textwrap.dedent("""
+    import errno, sys, tempfile
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+    tempfile.NamedTemporaryFile = refuse
+    import cifar_hybrid_classifier as chc
+    sys.exit(chc.main(sys.argv[1:]))
+""")
+
+
+def test_unreadable_data_folder(tmp_path):
+    folder = corrupt_folder(tmp_path)
+    train = os.path.join(folder, "train")
+    os.chmod(train, 0)
+    try:
+        code = UNREADABLE_TRAIN if os.access(train, os.R_OK) else None
+        result = run_script("--data", folder, "--output", str(tmp_path / "m.keras"), *TINY_ARGS, code=code)
+        assert_one_line_error(result, "cannot read (Permission denied)")
+    finally:
+        os.chmod(train, 0o600)
+
+
+DISK_FULL = textwrap.dedent("""
+    import shutil, sys
+    shutil.disk_usage = lambda path: shutil._ntuple_diskusage(10 ** 9, 10 ** 9 - 4096, 4096)
+    import cifar_hybrid_classifier as chc
+    sys.exit(chc.main(sys.argv[1:]))
+""")
+
+
+def test_paths_and_options(tmp_path, cifar_folder):
+    out = str(tmp_path / "m.keras")
+    cases = [
+        (["--output", str(tmp_path / "missing" / "m.keras")], "does not exist", None),
+        (["--output", out, "--checkpoint-dir", str(tmp_path / "missing" / "b")], "does not exist", None),
+        (["--output", out, "--checkpoint-dir", _file(tmp_path, "afile", b"x")], "is a file", None),
+        (["--output", out], "MB free", DISK_FULL),
+        (["--output", out], "is not writable (Read-only file system)", READ_ONLY_FOLDERS),
+    ]
+    for extra, message, code in cases:
+        assert_one_line_error(run_script("--data", cifar_folder, *TINY_ARGS, *extra, code=code), message)
+    for extra, message in ((["--embed-dim", "30", "--num-heads", "4"], "must divide"),
+                           (["--output", out, "--checkpoint-dir", out], "must differ")):
+        result = run_script("--data", cifar_folder, *TINY_ARGS, *extra)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not os.path.exists(out)
+
+
+def test_backup_from_other_options_or_damaged_is_refused(tmp_path, slow_folder):
+    args = ["--data", slow_folder, *FOUR_EPOCHS, "--output", str(tmp_path / "m.keras")]
+    child = Child(args, tmp_path / "killed.err")
+    try:
+        child.wait_for("epoch 1/4")
+    finally:
+        child.close()
+    assert_one_line_error(run_script(*args, "--learning-rate", "0.01"), "--learning-rate 0.002 -> 0.01")
+    for name in os.listdir(tmp_path / "m.backup"):
+        if ".data-" in name:
+            (tmp_path / "m.backup" / name).write_bytes(b"garbage")
+    assert_one_line_error(run_script(*args), "is damaged")
+    fresh = run_script(*args, "--fresh", "--epochs", "1")
+    assert fresh.returncode == 0 and "--fresh: ignoring the backup" in fresh.stdout, fresh.stderr[-3000:]
+
+
+def test_damaged_model_files_are_clear_errors(tmp_path):
+    good = tmp_path / "good.keras"
+    chc.save_model_atomically(chc.build_model(chc.parse_config(TINY_ARGS)), str(good))
+    truncated = tmp_path / "truncated.keras"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    text = tmp_path / "notes.keras"
+    text.write_text("not a model")
+    for path, message in ((truncated, "truncated or damaged"), (text, "not a .keras model file"),
+                          (tmp_path / "nope.keras", "no such model file")):
+        with pytest.raises(chc.InputError, match=message):
+            chc.load_model(str(path))
