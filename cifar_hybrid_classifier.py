@@ -124,13 +124,18 @@ class Config:
     time_budget: float = _option(0.0, "minutes for the whole run, evaluation included: times the first "
                                  "steps, then fixes epochs and steps so the schedule completes in time; "
                                  "0 uses --epochs", _non_negative_float)
-    batch_size: int = _option(128, "images per training step", _positive_int)
-    learning_rate: float = _option(2e-3, "peak AdamW learning rate (reached after warm-up)", _positive_float)
+    batch_size: int = _option(128, "images per training step and replica; the global batch is this times "
+                              "the number of replicas", _positive_int)
+    learning_rate: float = _option(2e-3, "peak AdamW learning rate (reached after warm-up) for one replica; "
+                                   "scaled linearly with the number of replicas", _positive_float)
     weight_decay: float = _option(0.05, "AdamW decoupled weight decay (not applied to biases, norms, "
                                   "CLS token and position embeddings)", _non_negative_float)
     warmup_fraction: float = _option(0.1, "fraction of all steps spent in linear learning-rate warm-up "
                                      "before the cosine decay", _rate)
     label_smoothing: float = _option(0.1, "label smoothing of the cross-entropy loss", _rate)
+    distribute: str = _option("auto", "tf.distribute strategy; auto: multi-worker when TF_CONFIG names several "
+                              "workers, mirrored when several GPUs are visible, else none", str,
+                              choices=("auto", "none", "mirrored", "multi-worker"))
     precision: str = _option("auto", "auto: mixed_float16 on a GPU, mixed_bfloat16 on a CPU with native "
                              "bf16, else float32", str,
                              choices=("auto", "float32", "mixed_bfloat16", "mixed_float16"))
@@ -522,21 +527,24 @@ class CNNBranch(layers.Layer):
     the first conv makes the second conv four times cheaper, which matters on a CPU.
     """
 
-    def __init__(self, widths=(32, 64, 128), **kwargs):
+    def __init__(self, widths=(32, 64, 128), synchronized_bn=False, **kwargs):
         super().__init__(**kwargs)
         self.widths = tuple(int(w) for w in widths)
+        # Across several replicas, batch statistics over the global batch (TensorFlow backend only).
+        self.synchronized_bn = bool(synchronized_bn)
         policy = self.dtype_policy
 
+        def bn():
+            return layers.BatchNormalization(momentum=0.9, synchronized=self.synchronized_bn, dtype=policy)
+
         def conv_bn_relu(width):
-            return [layers.Conv2D(width, 3, padding="same", use_bias=False, dtype=policy),
-                    layers.BatchNormalization(momentum=0.9, dtype=policy),
+            return [layers.Conv2D(width, 3, padding="same", use_bias=False, dtype=policy), bn(),
                     layers.ReLU(dtype=policy)]
 
         stack = conv_bn_relu(self.widths[0])  # stem at full resolution
         for width in self.widths:
             stack += [layers.Conv2D(width, 3, padding="same", use_bias=False, dtype=policy),
-                      layers.MaxPooling2D(2, dtype=policy),
-                      layers.BatchNormalization(momentum=0.9, dtype=policy),
+                      layers.MaxPooling2D(2, dtype=policy), bn(),
                       layers.ReLU(dtype=policy),
                       *conv_bn_relu(width)]
         stack.append(layers.GlobalAveragePooling2D(dtype=policy))
@@ -552,7 +560,7 @@ class CNNBranch(layers.Layer):
         return (input_shape[0], self.widths[-1])
 
     def get_config(self):
-        return {**super().get_config(), "widths": self.widths}
+        return {**super().get_config(), "widths": self.widths, "synchronized_bn": self.synchronized_bn}
 
 
 @keras.saving.register_keras_serializable(package="cifar_hybrid")
@@ -645,14 +653,14 @@ class FusionHead(layers.Layer):
 # Model
 # ----------------------------------------------------------------------------
 
-def build_model(config, dtype=None):
+def build_model(config, dtype=None, synchronized_bn=False):
     """The hybrid: raw 0..255 images in, 100 class probabilities out.
 
     `dtype` is a Keras dtype policy name (e.g. "mixed_bfloat16"); None uses the global policy.
     """
     inputs = keras.Input(IMAGE_SHAPE, dtype="float32", name="image")
     x = ImageStandardization(dtype=dtype, name="standardize")(inputs)
-    cnn = CNNBranch(config.cnn_widths, dtype=dtype, name="cnn_branch")(x)
+    cnn = CNNBranch(config.cnn_widths, synchronized_bn, dtype=dtype, name="cnn_branch")(x)
     vit = ViTBranch(config.patch_size, config.embed_dim, config.depth, config.num_heads, config.mlp_ratio,
                     config.dropout, dtype=dtype, name="vit_branch")(x)
     outputs = FusionHead(NUM_CLASSES, config.head_units, config.head_dropout, config.l2, dtype=dtype,
@@ -722,6 +730,39 @@ class TrainingDiverged(Exception):
     """A non-finite loss: the command line exits with code 3 and keeps every earlier file."""
 
 
+def make_strategy(name):
+    """The `tf.distribute` strategy for --distribute (README, "Training on several GPUs or machines").
+
+    Call it first: a multi-worker strategy must exist before TensorFlow starts its runtime.
+    """
+    try:
+        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+    except (ValueError, AttributeError):
+        raise InputError("TF_CONFIG is not valid JSON; see the README for its form") from None
+    workers = len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+    if name == "auto":
+        name = "multi-worker" if workers > 1 else "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 \
+            else "none"
+    if name == "multi-worker":
+        if workers < 2:
+            raise InputError("--distribute multi-worker needs TF_CONFIG naming two or more workers")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "mirrored":  # all local GPUs; without any, all logical CPU devices
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in devices])
+    return tf.distribute.get_strategy()
+
+
+def is_chief(strategy):
+    """True for the one process that writes outputs: the chief, worker 0 without a chief, or a lone process."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type in (None, "chief") or (task_type == "worker" and task_id == 0 and not has_chief)
+
+
 RESUME_IGNORES = ("data", "output", "checkpoint_dir", "fresh", "tta")  # options a resumed run may change
 
 
@@ -740,20 +781,23 @@ class Trainer:
         self.data = data
         self.log = log
         self.strategy = strategy or tf.distribute.get_strategy()
+        self.replicas = self.strategy.num_replicas_in_sync
+        self.global_batch = config.batch_size * self.replicas
+        self.is_chief = is_chief(self.strategy)
         self.precision = resolve_precision(config.precision)
         self._split()
         self.train_pipeline = AugmentationPipeline(
-            self.x_train, self.y_train, config.batch_size, config.seed,
+            self.x_train, self.y_train, self.global_batch, config.seed,
             config.crop_padding, config.flip, config.color_jitter)
         self.val_pipeline = AugmentationPipeline(self.x_val, self.y_val, config.batch_size)
         self.steps_per_epoch = self.train_pipeline.steps_per_epoch()
         if self.steps_per_epoch < 1:
-            raise InputError(f"{len(self.train_pipeline)} training images are fewer than one batch of "
-                            f"{config.batch_size}; lower --batch-size")
+            raise InputError(f"{len(self.train_pipeline)} training images are fewer than one global batch of "
+                             f"{self.global_batch}; lower --batch-size")
         self.epochs = config.epochs
         self.deadline = None  # set by plan_time_budget
         with self.strategy.scope():
-            self.model = build_model(config, dtype=self.precision)
+            self.model = build_model(config, dtype=self.precision, synchronized_bn=self.replicas > 1)
         self.loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing,
                                                             reduction=None)
         self.history = []
@@ -785,7 +829,10 @@ class Trainer:
         checkpoint = tf.train.Checkpoint(model=list(self.model.variables), optimizer=list(self.optimizer.variables),
                                          best_weights=self.best_weights, horizon=self.schedule.total_steps,
                                          **self.state)
-        self.backup = tf.train.CheckpointManager(checkpoint, self.config.checkpoint_dir, max_to_keep=1)
+        # Every worker must save (saving may need collectives); only the chief's copy is kept.
+        folder = self.config.checkpoint_dir if self.is_chief else \
+            os.path.join(tempfile.gettempdir(), f"cifar_hybrid-worker-{os.getpid()}")
+        self.backup = tf.train.CheckpointManager(checkpoint, folder, max_to_keep=1)
 
     def _save_backup(self, epoch, step, partial=(0.0, 0.0, 0.0)):
         """Everything a resumed run needs; the manager writes new files and then swaps its index atomically."""
@@ -794,10 +841,13 @@ class Trainer:
         for name, value in values.items():
             self.state[name].assign(value)
         self.backup.save()
+        if not self.is_chief:
+            shutil.rmtree(self.backup.directory, ignore_errors=True)
 
     def resume(self):
         """Restore the last backup (unless --fresh); True if this run continues an earlier one."""
-        folder, path = self.config.checkpoint_dir, self.backup.latest_checkpoint
+        folder = self.config.checkpoint_dir
+        path = tf.train.latest_checkpoint(folder)  # every worker reads the chief's backup
         if path is None:
             return False
         if self.config.fresh:
@@ -828,7 +878,10 @@ class Trainer:
 
     def remove_backup(self):
         """Delete the files the backup manager wrote (only those: the folder may be the user's)."""
-        folder = self.config.checkpoint_dir
+        folder = self.backup.directory
+        if not self.is_chief:
+            shutil.rmtree(folder, ignore_errors=True)
+            return
         for prefix in self.backup.checkpoints:
             for name in tf.io.gfile.glob(prefix + ".*"):
                 os.remove(name)
@@ -860,7 +913,7 @@ class Trainer:
         """
         planning_started = time.time()
         initial = self.model.get_weights()
-        batches = iter(self.train_pipeline.train_dataset(epoch=0))
+        batches = iter(self.strategy.experimental_distribute_dataset(self.train_pipeline.train_dataset(epoch=0)))
         started = time.time()
         float(self._train_step(*next(batches))[0])
         compile_seconds = time.time() - started
@@ -908,7 +961,7 @@ class Trainer:
 
     def _make_optimizer(self):
         c = self.config
-        self.schedule = WarmupCosine(c.learning_rate, self.total_steps, c.warmup_fraction)
+        self.schedule = WarmupCosine(c.learning_rate * self.replicas, self.total_steps, c.warmup_fraction)
         optimizer = keras.optimizers.AdamW(self.schedule, weight_decay=c.weight_decay)
         optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "cls_token", "position_embedding"])
         if self.precision == "mixed_float16":
@@ -916,7 +969,7 @@ class Trainer:
         return optimizer
 
     def _distributed_train_step(self, images, labels):
-        global_batch = self.config.batch_size * self.strategy.num_replicas_in_sync
+        global_batch = self.global_batch
 
         def step(x, y):
             with tf.GradientTape() as tape:
@@ -960,8 +1013,10 @@ class Trainer:
             start, done = time.time(), self.start_step
             loss_sum, correct, seen = self.partial if done else (0.0, 0.0, 0.0)
             self.start_step = 0
-            dataset = self.strategy.experimental_distribute_dataset(
-                self.train_pipeline.train_dataset(epoch).take(self.steps_per_epoch).skip(done))
+            dataset = self.train_pipeline.train_dataset(epoch).take(self.steps_per_epoch).skip(done)
+            options = tf.data.Options()  # several workers: each takes its share of every global batch
+            options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+            dataset = self.strategy.experimental_distribute_dataset(dataset.with_options(options))
             progress = keras.utils.Progbar(self.steps_per_epoch, verbose=verbose, stateful_metrics=["loss", "acc"])
             step = done
             for step, (images, labels) in enumerate(dataset, done + 1):
@@ -973,7 +1028,7 @@ class Trainer:
                         f"(in {c.checkpoint_dir}, if any) and any earlier model file are untouched; lower "
                         "--learning-rate and add --fresh to start over")
                 loss_sum, correct = loss_sum + loss, correct + float(hits)
-                seen += c.batch_size * self.strategy.num_replicas_in_sync
+                seen += self.global_batch
                 progress.update(step, [("loss", loss_sum / step), ("acc", correct / seen)])
                 if self.stop_signal is not None:
                     self._save_backup(epoch, step, (loss_sum, correct, seen))
@@ -1017,10 +1072,10 @@ class Trainer:
                      f"{remaining_epochs} more epoch(s) of {steps} steps")
 
     def export_model(self):
-        """A float32 copy of the trained model: it runs on any device, with or without bf16/fp16 support."""
-        if self.precision == "float32":
+        """A float32, single-device copy of the trained model: it runs anywhere, under any Keras backend."""
+        if self.precision == "float32" and self.replicas == 1:
             return self.model
-        model = build_model(self.config, dtype="float32")
+        model = build_model(self.config, dtype="float32")  # also drops synchronized batch norm
         model.set_weights(self.model.get_weights())
         return model
 
@@ -1049,6 +1104,9 @@ def write_atomically(path, write):
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's private 0600 would otherwise reach the final file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -1147,6 +1205,10 @@ def set_seeds(seed):
 def run(config):
     check_output_path(config.output)
     check_checkpoint_dir(config.checkpoint_dir)
+    strategy = make_strategy(config.distribute)
+    if config.time_budget and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        raise InputError("--time-budget cannot be used with multi-worker training (each worker would time "
+                         "its own steps and plan differently); use --epochs")
     if config.data is not None and not os.path.exists(config.data):
         raise InputError(f"--data {config.data}: no such file or folder")
     set_seeds(config.seed)
@@ -1154,11 +1216,15 @@ def run(config):
     data = load_cifar100(config.data)
     print(f"CIFAR-100: {len(data.y_train)} training and {len(data.y_test)} test images "
           f"(loaded in {time.time() - started:.1f}s)")
-    trainer = Trainer(config, data, started=started)
+    trainer = Trainer(config, data, strategy=strategy, started=started)
     check_free_space(config, trainer.model.count_params())
     print_parameter_summary(trainer.model)
     print(f"precision {trainer.precision}; {len(trainer.y_train)} train / {len(trainer.y_val)} validation images; "
           f"batch {config.batch_size}")
+    if trainer.replicas > 1:
+        print(f"{type(strategy).__name__} over {trainer.replicas} replicas: global batch {trainer.global_batch} "
+              f"({config.batch_size} per replica), peak learning rate {config.learning_rate * trainer.replicas:g} "
+              f"({config.learning_rate:g} x {trainer.replicas}, linear scaling)")
     if not trainer.resume():  # a resumed run keeps the plan its backup holds
         if config.time_budget:
             trainer.plan_time_budget(config.time_budget * 60 - (time.time() - started), len(data.y_test))
@@ -1172,13 +1238,15 @@ def run(config):
         model = trainer.export_model()
         results = evaluate_on_test_set(trainer, model, data, started)
         trainer.check_stop()  # the backup already holds the finished training
-        save_model_atomically(model, config.output)
-        write_history_csv(trainer.history, os.path.splitext(config.output)[0] + ".history.csv")
+        if trainer.is_chief:  # other workers hold the same weights and write nothing
+            save_model_atomically(model, config.output)
+            write_history_csv(trainer.history, os.path.splitext(config.output)[0] + ".history.csv")
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     trainer.remove_backup()
-    print(f"saved the model to {os.path.abspath(config.output)}")
+    if trainer.is_chief:
+        print(f"saved the model to {os.path.abspath(config.output)}")
     return results, trainer
 
 

@@ -26,6 +26,9 @@ def test_script_trains_reports_and_saves(tmp_path, cifar_tarball):
     assert "test top-1" in out and "top-5" in out
     assert f"saved the model to {output}" in out
     assert output.is_file() and output.stat().st_size > 10_000
+    umask = os.umask(0)
+    os.umask(umask)
+    assert output.stat().st_mode & 0o777 == 0o666 & ~umask  # as any file the user creates
     # No temporary files or backup left behind.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar_hybrid.history.csv", output.name]
 
@@ -89,7 +92,7 @@ def test_time_budget_plans_whole_epochs_and_restores_the_initial_weights(cifar_f
     trainer = chc.Trainer(config, chc.load_cifar100(cifar_folder), log=lambda *_: None)
     initial = trainer.model.get_weights()
     full = trainer.train_pipeline.steps_per_epoch()
-    trainer.plan_time_budget(seconds=45, test_images=200)
+    trainer.plan_time_budget(seconds=30, test_images=200)
     assert trainer.epochs >= 1 and 1 <= trainer.steps_per_epoch <= full
     assert trainer.total_steps == trainer.epochs * trainer.steps_per_epoch
     for before, after in zip(initial, trainer.model.get_weights()):

@@ -1,0 +1,144 @@
+"""tf.distribute: two logical CPU devices in one process, and two worker processes on loopback."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import cifar_hybrid_classifier as chc
+from conftest import ROOT, TINY_ARGS
+
+ENV = {**os.environ, "PYTHONPATH": ROOT}
+SCRIPT = os.path.join(ROOT, "cifar_hybrid_classifier.py")
+
+# Logical devices must be configured before TensorFlow starts, hence a fresh process.
+TWO_CPUS = """
+    import sys
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import cifar_hybrid_classifier as chc
+"""
+
+TRAIN_ON_TWO_CPUS = textwrap.dedent(TWO_CPUS + """
+    sys.exit(chc.main(sys.argv[1:]))
+""")
+
+ONE_STEP_BOTH_WAYS = textwrap.dedent(TWO_CPUS + """
+    import keras
+    import numpy as np
+    data = chc.load_cifar100(sys.argv[1])
+    # No dropout: replicas draw their own masks.
+    common = ["--data", sys.argv[1], *sys.argv[3:], "--head-dropout", "0"]
+    images, labels = data.x_train[:32], data.y_train[:32].astype("int32")
+
+    def one_step(strategy, batch_size, learning_rate, initial):
+        config = chc.parse_config([*common, "--batch-size", str(batch_size), "--learning-rate", str(learning_rate)])
+        trainer = chc.Trainer(config, data, strategy=strategy, log=lambda *_: None)
+        trainer.model.set_weights(initial)
+        # AdamW's first step is about lr * g / |g|: float rounding in a near-zero gradient becomes an
+        # lr-sized difference. Plain SGD keeps the comparison about the gradients the replicas compute.
+        with strategy.scope():
+            trainer.optimizer = keras.optimizers.SGD(trainer.schedule.peak)
+        batch = tf.data.Dataset.from_tensors((images, labels))
+        trainer._train_step(*next(iter(strategy.experimental_distribute_dataset(batch))))
+        return trainer.replicas, trainer.model.get_weights()
+
+    # Batch statistics computed the same way on both sides: Keras's synchronized batch norm (which the
+    # replicas need) takes E[x^2] - E[x]^2, plain batch norm two passes; in float32 they differ by ~1e-4.
+    build_model = chc.build_model
+    chc.build_model = lambda config, dtype=None, synchronized_bn=False: build_model(config, dtype, True)
+    initial = chc.build_model(chc.parse_config(common)).get_weights()
+    # Same global batch (32) and the same effective learning rate (linear scaling doubles 0.005).
+    one, single = one_step(tf.distribute.get_strategy(), 32, 0.01, initial)
+    two, mirrored = one_step(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), 16, 0.005, initial)
+    assert (one, two) == (1, 2)
+    arrays = {f"{name}_{i}": w for name, ws in (("initial", initial), ("single", single), ("mirrored", mirrored))
+              for i, w in enumerate(ws)}
+    np.savez(sys.argv[2], **arrays)
+""")
+
+
+def test_mirrored_over_two_logical_cpus_trains_end_to_end(tmp_path, cifar_folder):
+    output = tmp_path / "m.keras"
+    result = subprocess.run([sys.executable, "-c", TRAIN_ON_TWO_CPUS, "--data", cifar_folder, *TINY_ARGS,
+                             "--distribute", "mirrored", "--output", str(output)],
+                            capture_output=True, text=True, timeout=600, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MirroredStrategy over 2 replicas: global batch 64 (32 per replica)" in result.stdout
+    model = chc.load_model(str(output))
+    assert not model.get_layer("cnn_branch").synchronized_bn  # the saved model is a plain single-device one
+    probs = model.predict(np.zeros((2, 32, 32, 3), np.uint8), verbose=0)
+    assert probs.shape == (2, 100) and np.allclose(probs.sum(-1), 1, atol=1e-4)
+
+
+def test_one_mirrored_step_equals_one_single_device_step(tmp_path, cifar_folder):
+    out = tmp_path / "weights.npz"
+    result = subprocess.run([sys.executable, "-c", ONE_STEP_BOTH_WAYS, cifar_folder, str(out), *TINY_ARGS],
+                            capture_output=True, text=True, timeout=600, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = np.load(out)
+    count = sum(name.startswith("single_") for name in saved.files)
+    weights = {name: [saved[f"{name}_{i}"] for i in range(count)] for name in ("initial", "single", "mirrored")}
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(weights["initial"], weights["single"]))
+    assert count > 10 and moved > 1e-4  # the step moved weights by far more than the tolerance
+    for single, mirrored in zip(weights["single"], weights["mirrored"]):
+        np.testing.assert_allclose(mirrored, single, atol=1e-5)
+
+
+def free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_worker_processes_train_and_only_the_chief_writes(tmp_path, cifar_tarball):
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    procs, folders = [], []
+    try:
+        for index in range(2):
+            folder, tmp = tmp_path / f"worker{index}", tmp_path / f"tmp{index}"
+            folder.mkdir()
+            tmp.mkdir()
+            folders.append((folder, tmp))
+            env = {**ENV, "TMPDIR": str(tmp),
+                   "TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})}
+            procs.append(subprocess.Popen(
+                [sys.executable, SCRIPT, "--data", cifar_tarball, *TINY_ARGS, "--epochs", "2",
+                 "--distribute", "multi-worker"], cwd=folder, env=env,
+                stdout=open(folder.parent / f"out{index}.txt", "w"), stderr=subprocess.STDOUT))
+        codes = [proc.wait(timeout=600) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    logs = [(tmp_path / f"out{i}.txt").read_text() for i in range(2)]
+    assert codes == [0, 0], [log[-3000:] for log in logs]
+    assert all("over 2 replicas: global batch 64 (32 per replica)" in log for log in logs)
+    (chief, chief_tmp), (worker, worker_tmp) = folders
+    assert sorted(p.name for p in chief.iterdir()) == ["cifar_hybrid.history.csv", "cifar_hybrid.keras"]
+    assert list(worker.iterdir()) == [] and list(worker_tmp.iterdir()) == [] and list(chief_tmp.iterdir()) == []
+    probs = chc.load_model(str(chief / "cifar_hybrid.keras")).predict(np.zeros((2, 32, 32, 3), np.uint8), verbose=0)
+    assert probs.shape == (2, 100)
+
+
+def test_strategy_choice_from_the_environment(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert chc.make_strategy("none").num_replicas_in_sync == 1
+    assert chc.make_strategy("auto").num_replicas_in_sync == 1  # no TF_CONFIG, no GPUs here
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(chc.InputError, match="TF_CONFIG"):
+        chc.make_strategy("auto")
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["127.0.0.1:1"]}}))
+    with pytest.raises(chc.InputError, match="two or more workers"):
+        chc.make_strategy("multi-worker")
