@@ -2,10 +2,12 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -101,35 +103,61 @@ def free_ports(n):
     return ports
 
 
-def test_two_worker_processes_train_and_only_the_chief_writes(tmp_path, cifar_tarball):
+def run_two_workers(tmp_path, args, name, kill_after=None):
+    """Start worker 0 (the chief) and worker 1 on loopback ports, each in its own folder and TMPDIR.
+
+    Returns the exit codes and logs; with `kill_after`, both are killed (-9) once the chief prints it.
+    """
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
-    procs, folders = [], []
+    procs = []
     try:
         for index in range(2):
-            folder, tmp = tmp_path / f"worker{index}", tmp_path / f"tmp{index}"
-            folder.mkdir()
-            tmp.mkdir()
-            folders.append((folder, tmp))
-            env = {**ENV, "TMPDIR": str(tmp),
+            (tmp_path / f"worker{index}").mkdir(exist_ok=True)
+            (tmp_path / f"tmp{index}").mkdir(exist_ok=True)
+            env = {**ENV, "TMPDIR": str(tmp_path / f"tmp{index}"),
                    "TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})}
             procs.append(subprocess.Popen(
-                [sys.executable, SCRIPT, "--data", cifar_tarball, *TINY_ARGS, "--epochs", "2",
-                 "--distribute", "multi-worker"], cwd=folder, env=env,
-                stdout=open(folder.parent / f"out{index}.txt", "w"), stderr=subprocess.STDOUT))
+                [sys.executable, SCRIPT, *args, "--distribute", "multi-worker"], cwd=tmp_path / f"worker{index}",
+                env=env, stdout=open(tmp_path / f"{name}{index}.txt", "w"), stderr=subprocess.STDOUT))
+        if kill_after:
+            deadline = time.time() + 600
+            while kill_after not in (tmp_path / f"{name}0.txt").read_text() and time.time() < deadline:
+                assert procs[0].poll() is None, (tmp_path / f"{name}0.txt").read_text()[-3000:]
+                time.sleep(0.05)
+            for proc in procs:
+                proc.kill()
         codes = [proc.wait(timeout=600) for proc in procs]
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    logs = [(tmp_path / f"out{i}.txt").read_text() for i in range(2)]
+    return codes, [(tmp_path / f"{name}{i}.txt").read_text() for i in range(2)]
+
+
+def test_two_worker_processes_train_and_only_the_chief_writes(tmp_path, cifar_tarball):
+    codes, logs = run_two_workers(tmp_path, ["--data", cifar_tarball, *TINY_ARGS, "--epochs", "2"], "out")
     assert codes == [0, 0], [log[-3000:] for log in logs]
     assert all("over 2 replicas: global batch 64 (32 per replica)" in log for log in logs)
-    (chief, chief_tmp), (worker, worker_tmp) = folders
+    (chief, chief_tmp), (worker, worker_tmp) = ((tmp_path / f"worker{i}", tmp_path / f"tmp{i}") for i in range(2))
     assert sorted(p.name for p in chief.iterdir()) == ["cifar_hybrid.history.csv", "cifar_hybrid.keras"]
     assert list(worker.iterdir()) == [] and list(worker_tmp.iterdir()) == [] and list(chief_tmp.iterdir()) == []
     probs = chc.load_model(str(chief / "cifar_hybrid.keras")).predict(np.zeros((2, 32, 32, 3), np.uint8), verbose=0)
     assert probs.shape == (2, 100)
+
+
+def test_killed_multi_worker_run_resumes_from_the_chiefs_backup(tmp_path, cifar_tarball):
+    # Every worker restores from the chief's backup folder: here a path both can read.
+    args = ["--data", cifar_tarball, *TINY_ARGS, "--epochs", "3", "--checkpoint-dir", str(tmp_path / "backup")]
+    codes, logs = run_two_workers(tmp_path, args, "killed", kill_after="epoch 1/3")
+    assert codes == [-9, -9], [log[-3000:] for log in logs]
+    codes, logs = run_two_workers(tmp_path, args, "resumed")
+    assert codes == [0, 0], [log[-3000:] for log in logs]
+    for log in logs:
+        assert re.search(r"resuming from the backup in .*: epoch [23] of 3", log), log[-3000:]
+        assert "epoch 3/3" in log and "epoch 1/3" not in log
+    assert (tmp_path / "worker0" / "cifar_hybrid.keras").is_file() and not (tmp_path / "backup").exists()
+    assert list((tmp_path / "worker1").iterdir()) == []
 
 
 def test_strategy_choice_from_the_environment(monkeypatch):
