@@ -64,6 +64,24 @@ def cifar_tarball(tmp_path_factory, cifar_folder):
     return write_tarball(str(tmp_path_factory.mktemp("tar") / "cifar-100-python.tar.gz"), cifar_folder)
 
 
+class RunsCommand:
+    """A pickle payload whose `__reduce__` would run a shell command that creates `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def assert_one_line_error(result, text):
+    """Exit code 2, no traceback, exactly one `error:` line on stderr, and it mentions `text`."""
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and text in errors[0], result.stderr
+
+
 TINY_ARGS = ["--epochs", "1", "--batch-size", "32", "--validation-split", "0.25", "--precision", "float32",
              "--cnn-widths", "8,16", "--embed-dim", "16", "--depth", "1", "--num-heads", "2",
              "--head-units", "32", "--patch-size", "8"]

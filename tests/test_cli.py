@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import cifar_hybrid_classifier as chc
-from conftest import ROOT, TINY_ARGS
+from conftest import ROOT, TINY_ARGS, assert_one_line_error
 
 SCRIPT = os.path.join(ROOT, "cifar_hybrid_classifier.py")
 
@@ -38,13 +38,6 @@ def test_config_and_command_line_mirror_each_other():
 
 def run_script(*args):
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300)
-
-
-def assert_one_line_error(result, text):
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and text in errors[0], result.stderr
 
 
 def test_missing_data_and_unwritable_output_fail_before_training(tmp_path, cifar_tarball):

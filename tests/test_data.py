@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import cifar_hybrid_classifier as chc
-from conftest import COARSE_NAMES, FINE_NAMES, make_meta, make_split, write_folder, write_tarball
+from conftest import COARSE_NAMES, FINE_NAMES, RunsCommand, make_meta, make_split, write_folder, write_tarball
 
 
 def test_tarball_and_folder_load_the_same(cifar_folder, cifar_tarball):
@@ -90,14 +90,6 @@ def test_rejects_archive_without_members(tmp_path):
     archive = write_tarball(str(tmp_path / "other.tar.gz"), str(folder))
     with pytest.raises(chc.InputError, match="archive lacks train, test, meta"):
         chc.load_cifar100(archive)
-
-
-class RunsCommand:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_refuses_malicious_pickle(tmp_path):

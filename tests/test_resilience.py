@@ -15,7 +15,8 @@ import time
 import pytest
 
 import cifar_hybrid_classifier as chc
-from conftest import ROOT, TINY_ARGS, make_split, write_folder, write_tarball
+from conftest import (ROOT, TINY_ARGS, RunsCommand, assert_one_line_error, make_split, write_folder,
+                      write_tarball)
 
 SCRIPT = os.path.join(ROOT, "cifar_hybrid_classifier.py")
 FOUR_EPOCHS = [*TINY_ARGS, "--epochs", "4"]  # argparse keeps the last --epochs
@@ -217,14 +218,6 @@ def corrupt_folder(tmp_path, **members):
     return write_folder(str(tmp_path / "bad"), **members)
 
 
-class RunsCommand:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def _split_with(**changes):
     split = make_split(400, 1)
     split.update({k.encode(): v for k, v in changes.items()})
@@ -279,13 +272,6 @@ def test_hostile_data_is_one_line_exit_2(tmp_path, case):
     result = run_script("--data", make(tmp_path), "--output", str(tmp_path / "m.keras"), *TINY_ARGS)
     assert_one_line_error(result, message)
     assert not (tmp_path / "m.keras").exists()
-
-
-def assert_one_line_error(result, text):
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and text in errors[0], result.stderr
 
 
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
