@@ -2,6 +2,8 @@
 
     python cifar_hybrid_classifier.py                       # download via Keras, train, report, save
     python cifar_hybrid_classifier.py --data cifar-100-python.tar.gz --epochs 1
+    python cifar_hybrid_classifier.py predict photo.jpg         # top-5 classes with the saved model
+    python cifar_hybrid_classifier.py evaluate                  # test-set report of the saved model
 
 Sections follow the data: configuration, data, augmentation pipeline, layers,
 model, trainer, evaluation, command line. Importing this module only defines
@@ -48,46 +50,24 @@ CIFAR100_STD = (68.17, 65.39, 70.42)
 # Configuration: every hyperparameter, its default, and its command-line check.
 # ----------------------------------------------------------------------------
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
+def _checked(convert, ok, requirement):
+    """An argparse `type` that converts, then checks the value against `requirement`."""
+    def parse(text):
+        value = convert(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+    parse.__name__ = convert.__name__  # argparse names it in "invalid int value: 'x'"
+    return parse
 
 
-def _positive_float(text):
-    value = float(text)
-    if not value > 0 or not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text):
-    value = float(text)
-    if not value >= 0 or not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
-
-
-def _open_fraction(text):
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {text}")
-    return value
-
-
-def _rate(text):
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
-def _patch_size(text):
-    value = _positive_int(text)
-    if IMAGE_SHAPE[0] % value:
-        raise argparse.ArgumentTypeError(f"must divide {IMAGE_SHAPE[0]} (1, 2, 4, 8, 16, 32), got {text}")
-    return value
+_positive_int = _checked(int, lambda v: v >= 1, "an integer >= 1")
+_positive_float = _checked(float, lambda v: 0 < v < math.inf, "a number > 0")
+_non_negative_float = _checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+_open_fraction = _checked(float, lambda v: 0 < v < 1, "strictly between 0 and 1")
+_rate = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
+_patch_size = _checked(int, lambda v: v >= 1 and IMAGE_SHAPE[0] % v == 0, f"a divisor of {IMAGE_SHAPE[0]} "
+                       "(1, 2, 4, 8, 16, 32)")
 
 
 def _widths(text):
@@ -116,6 +96,8 @@ class Config:
                                          "resumes from (default: the --output name with .backup instead of "
                                          ".keras); removed after a successful run", str)
     fresh: bool = _option(False, "ignore an existing backup and start from scratch")
+    tensorboard: str | None = _option(None, "also log each epoch's figures to this TensorBoard log folder "
+                                      "(tensorboard --logdir DIR)", str)
     validation_split: float = _option(0.1, "fraction of the training set held out, stratified, for model "
                                       "selection", _open_fraction)
     seed: int = _option(42, "seed for Python, NumPy, TensorFlow, Keras and the input pipeline", int)
@@ -160,11 +142,16 @@ class Config:
     l2: float = _option(1e-4, "L2 kernel regularization of the fusion head", _non_negative_float)
 
 
+PROG = "cifar_hybrid_classifier.py"
+
+
 def build_arg_parser():
-    """The command line, generated from `Config` so the two never drift apart."""
+    """The training command line, generated from `Config` so the two never drift apart."""
     parser = argparse.ArgumentParser(
+        prog=PROG,
         description="Train a hybrid CNN + Vision Transformer on CIFAR-100, evaluate it on the test set "
                     "and save it as a .keras file.",
+        epilog=f"Using a saved model: {PROG} predict IMAGE... | {PROG} evaluate (each with --help).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
@@ -215,6 +202,12 @@ class CifarData:
     coarse_test: np.ndarray
     fine_names: list
     coarse_names: list
+
+    def fine_to_coarse(self):
+        """The superclass of each fine class, as the labels pair them."""
+        mapping = np.zeros(NUM_CLASSES, np.int64)
+        mapping[np.concatenate([self.y_train, self.y_test])] = np.concatenate([self.coarse_train, self.coarse_test])
+        return mapping
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -414,9 +407,6 @@ class ImageStandardization(layers.Layer):
         x = (x - ops.array(self.mean, "float32")) / ops.array(self.std, "float32")
         return ops.cast(x, self.compute_dtype)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
     def get_config(self):
         return {**super().get_config(), "mean": self.mean, "std": self.std}
 
@@ -439,10 +429,6 @@ class PatchEmbedding(layers.Layer):
         x = self.projection(images)
         return ops.reshape(x, (-1, x.shape[1] * x.shape[2], self.embed_dim))
 
-    def compute_output_shape(self, input_shape):
-        grid = (input_shape[1] // self.patch_size) * (input_shape[2] // self.patch_size)
-        return (input_shape[0], grid, self.embed_dim)
-
     def get_config(self):
         return {**super().get_config(), "patch_size": self.patch_size, "embed_dim": self.embed_dim}
 
@@ -459,10 +445,6 @@ class ClassToken(layers.Layer):
         cls = ops.broadcast_to(ops.cast(self.cls_token, tokens.dtype), (ops.shape(tokens)[0], 1, tokens.shape[-1]))
         return ops.concatenate([cls, tokens], axis=1)
 
-    def compute_output_shape(self, input_shape):
-        length = None if input_shape[1] is None else input_shape[1] + 1
-        return (input_shape[0], length, input_shape[2])
-
 
 @keras.saving.register_keras_serializable(package="cifar_hybrid")
 class PositionEmbedding(layers.Layer):
@@ -475,9 +457,6 @@ class PositionEmbedding(layers.Layer):
 
     def call(self, tokens):
         return tokens + ops.cast(self.position_embedding, tokens.dtype)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
 
 
 @keras.saving.register_keras_serializable(package="cifar_hybrid")
@@ -510,9 +489,6 @@ class TransformerEncoderBlock(layers.Layer):
         x = x + self.drop(self.attention(h, h, training=training), training=training)
         h = self.mlp_out(self.drop(self.mlp_hidden(self.norm2(x)), training=training))
         return x + self.drop(h, training=training)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
 
     def get_config(self):
         return {**super().get_config(), "embed_dim": self.embed_dim, "num_heads": self.num_heads,
@@ -556,9 +532,6 @@ class CNNBranch(layers.Layer):
     def call(self, images, training=None):
         return self.stack(images, training=training)
 
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.widths[-1])
-
     def get_config(self):
         return {**super().get_config(), "widths": self.widths, "synchronized_bn": self.synchronized_bn}
 
@@ -586,7 +559,8 @@ class ViTBranch(layers.Layer):
 
     def build(self, input_shape):
         self.patch_embedding.build(input_shape)
-        shape = self.class_token.compute_output_shape(self.patch_embedding.compute_output_shape(input_shape))
+        grid = (input_shape[1] // self.patch_size) * (input_shape[2] // self.patch_size)
+        shape = (input_shape[0], grid + 1, self.embed_dim)  # the patch tokens and the CLS token
         self.class_token.build(shape)
         self.position_embedding.build(shape)
         for block in self.blocks:
@@ -604,9 +578,6 @@ class ViTBranch(layers.Layer):
     def call(self, images, training=None):
         return self.tokens(images, training=training)[:, 0]
 
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.embed_dim)
-
     def get_config(self):
         return {**super().get_config(), "patch_size": self.patch_size, "embed_dim": self.embed_dim,
                 "depth": self.depth, "num_heads": self.num_heads, "mlp_ratio": self.mlp_ratio,
@@ -617,9 +588,13 @@ class ViTBranch(layers.Layer):
 class FusionHead(layers.Layer):
     """Concatenates the branch vectors; L2-regularized dense layers with dropout; float32 softmax."""
 
-    def __init__(self, num_classes=NUM_CLASSES, units=256, dropout=0.1, l2=1e-4, **kwargs):
+    def __init__(self, num_classes=NUM_CLASSES, units=256, dropout=0.1, l2=1e-4, class_names=None, **kwargs):
         super().__init__(**kwargs)
         self.num_classes = num_classes
+        # The names travel in the saved model's config, so using the model needs no data set.
+        self.class_names = None if class_names is None else [str(name) for name in class_names]
+        if self.class_names is not None and len(self.class_names) != num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
         self.units = units
         self.dropout = dropout
         self.l2 = l2
@@ -641,31 +616,35 @@ class FusionHead(layers.Layer):
         x = self.drop(self.hidden(self.concat(list(branch_outputs))), training=training)
         return self.softmax(self.classifier(x))
 
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0][0], self.num_classes)
-
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes, "units": self.units,
-                "dropout": self.dropout, "l2": self.l2}
+                "dropout": self.dropout, "l2": self.l2, "class_names": self.class_names}
 
 
 # ----------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------
 
-def build_model(config, dtype=None, synchronized_bn=False):
+def build_model(config, dtype=None, synchronized_bn=False, class_names=None):
     """The hybrid: raw 0..255 images in, 100 class probabilities out.
 
     `dtype` is a Keras dtype policy name (e.g. "mixed_bfloat16"); None uses the global policy.
+    `class_names` are stored in the fusion head's config and exposed as `model.class_names`.
     """
     inputs = keras.Input(IMAGE_SHAPE, dtype="float32", name="image")
     x = ImageStandardization(dtype=dtype, name="standardize")(inputs)
     cnn = CNNBranch(config.cnn_widths, synchronized_bn, dtype=dtype, name="cnn_branch")(x)
     vit = ViTBranch(config.patch_size, config.embed_dim, config.depth, config.num_heads, config.mlp_ratio,
                     config.dropout, dtype=dtype, name="vit_branch")(x)
-    outputs = FusionHead(NUM_CLASSES, config.head_units, config.head_dropout, config.l2, dtype=dtype,
-                         name="fusion_head")([cnn, vit])
-    return keras.Model(inputs, outputs, name="cifar_hybrid")
+    outputs = FusionHead(NUM_CLASSES, config.head_units, config.head_dropout, config.l2, class_names,
+                         dtype=dtype, name="fusion_head")([cnn, vit])
+    return _with_class_names(keras.Model(inputs, outputs, name="cifar_hybrid"))
+
+
+def _with_class_names(model):
+    heads = [layer for layer in model.layers if isinstance(layer, FusionHead)]
+    model.class_names = heads[0].class_names if heads else None
+    return model
 
 
 def resolve_precision(precision):
@@ -763,7 +742,7 @@ def is_chief(strategy):
     return task_type in (None, "chief") or (task_type == "worker" and task_id == 0 and not has_chief)
 
 
-RESUME_IGNORES = ("data", "output", "checkpoint_dir", "fresh", "tta")  # options a resumed run may change
+RESUME_IGNORES = ("data", "output", "checkpoint_dir", "fresh", "tta", "tensorboard")  # options a resumed run may change
 
 
 def backup_fingerprint(config):
@@ -797,12 +776,14 @@ class Trainer:
         self.epochs = config.epochs
         self.deadline = None  # set by plan_time_budget
         with self.strategy.scope():
-            self.model = build_model(config, dtype=self.precision, synchronized_bn=self.replicas > 1)
+            self.model = build_model(config, self.precision, self.replicas > 1, data.fine_names)
         self.loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing,
                                                             reduction=None)
         self.history = []
         self.start_epoch, self.start_step, self.partial = 0, 0, (0.0, 0.0, 0.0)  # where fit() begins
         self.best_accuracy, self.stop_signal = -1.0, None
+        self.tensorboard = tf.summary.create_file_writer(config.tensorboard) \
+            if config.tensorboard and self.is_chief else None
         self._predict_step = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
         self._prepare_training()
 
@@ -1034,12 +1015,15 @@ class Trainer:
                     self._save_backup(epoch, step, (loss_sum, correct, seen))
                     self.check_stop()
             train_seconds = time.time() - start
-            val_accuracy = float(np.mean(self.predict(self.val_pipeline).argmax(-1) == self.y_val))
+            probs = self.predict(self.val_pipeline)
+            val_accuracy = float(np.mean(probs.argmax(-1) == self.y_val))
             record = {"epoch": epoch + 1, "seconds": time.time() - start, "elapsed": time.time() - self.started,
                       "learning_rate": self.learning_rate(),
                       "train_loss": loss_sum / max(step, 1), "train_accuracy": correct / max(seen, 1),
+                      "val_loss": float(-np.mean(np.log(probs[np.arange(len(probs)), self.y_val] + 1e-12))),
                       "val_accuracy": val_accuracy}
             self.history.append(record)
+            self._log_to_tensorboard(record)
             improved = val_accuracy > self.best_accuracy
             if improved:
                 self.best_accuracy = val_accuracy
@@ -1058,6 +1042,17 @@ class Trainer:
             self.model.set_weights([w.numpy() for w in self.best_weights])
         return self.history
 
+    def _log_to_tensorboard(self, record):
+        """What `tf.summary.scalar` writes, without needing the tensorboard package (only to view the logs)."""
+        if self.tensorboard is not None:
+            from tensorflow.core.framework.summary_pb2 import SummaryMetadata
+            scalar = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="scalars"))
+            with self.tensorboard.as_default(step=record["epoch"]):
+                for name, value in record.items():
+                    if name != "epoch":
+                        tf.summary.write(name, tf.constant(value, tf.float32), metadata=scalar)
+            self.tensorboard.flush()
+
     def _replan(self, remaining_epochs, train_seconds, val_seconds):
         """Fit the remaining epochs to the pace just measured; the schedule's horizon follows."""
         step_seconds = train_seconds / self.steps_per_epoch
@@ -1075,7 +1070,7 @@ class Trainer:
         """A float32, single-device copy of the trained model: it runs anywhere, under any Keras backend."""
         if self.precision == "float32" and self.replicas == 1:
             return self.model
-        model = build_model(self.config, dtype="float32")  # also drops synchronized batch norm
+        model = build_model(self.config, "float32", class_names=self.data.fine_names)  # drops synchronized BN
         model.set_weights(self.model.get_weights())
         return model
 
@@ -1084,16 +1079,36 @@ class Trainer:
 # Evaluation
 # ----------------------------------------------------------------------------
 
-def evaluate(probs, labels, class_names):
-    """Top-1, top-5 and scikit-learn's per-class report."""
-    from sklearn.metrics import classification_report
+def evaluate(probs, labels, class_names, fine_to_coarse=None, coarse_labels=None):
+    """Top-1, top-5, superclass accuracy of the fine predictions, scikit-learn's per-class figures,
+    the confusion matrix and its ten largest off-diagonal cells."""
+    from sklearn.metrics import classification_report, confusion_matrix
+    predictions, classes = probs.argmax(-1), np.arange(len(class_names))
     top5 = np.argsort(probs, axis=-1)[:, -5:]
-    predictions = probs.argmax(-1)
-    report = classification_report(labels, predictions, labels=np.arange(len(class_names)),
-                                   target_names=class_names, digits=3, zero_division=0)
-    return {"top1": float(np.mean(predictions == labels)),
-            "top5": float(np.mean((top5 == labels[:, None]).any(-1))),
-            "report": report}
+    report = {"labels": classes, "target_names": list(class_names), "zero_division": 0}
+    confusion = confusion_matrix(labels, predictions, labels=classes)
+    mistakes = confusion - np.diag(np.diag(confusion))
+    worst = np.argsort(mistakes, axis=None, kind="stable")[::-1][:10]
+    results = {"top1": float(np.mean(predictions == labels)),
+               "top5": float(np.mean((top5 == labels[:, None]).any(-1))),
+               "report": classification_report(labels, predictions, digits=3, **report),
+               "per_class": classification_report(labels, predictions, output_dict=True, **report),
+               "confusion": confusion,
+               "most_confused": [{"true": class_names[i], "predicted": class_names[j], "count": int(mistakes[i, j])}
+                                 for i, j in zip(*np.unravel_index(worst, mistakes.shape)) if mistakes[i, j]]}
+    if fine_to_coarse is not None:
+        results["superclass_top1"] = float(np.mean(fine_to_coarse[predictions] == coarse_labels))
+    return results
+
+
+def format_report(results, title):
+    """The human-readable report: what the command line prints and `*.report.txt` holds."""
+    lines = [title, results["report"], "Most confused classes (true -> predicted: test images):"]
+    lines += [f"  {p['true']} -> {p['predicted']}: {p['count']}" for p in results["most_confused"]] or ["  none"]
+    summary = f"top-1 {100 * results['top1']:.2f}%  top-5 {100 * results['top5']:.2f}%"
+    if "superclass_top1" in results:
+        summary += f"  superclass top-1 {100 * results['superclass_top1']:.2f}% (from the fine predictions)"
+    return "\n".join(lines + ["", "test " + summary])
 
 
 def write_atomically(path, write):
@@ -1117,8 +1132,16 @@ def save_model_atomically(model, path):
     write_atomically(path, model.save)
 
 
+def write_text_atomically(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    write_atomically(path, write)
+
+
 def write_history_csv(history, path):
-    fields = ["epoch", "seconds", "elapsed", "learning_rate", "train_loss", "train_accuracy", "val_accuracy"]
+    fields = ["epoch", "seconds", "elapsed", "learning_rate", "train_loss", "train_accuracy", "val_loss",
+              "val_accuracy"]
 
     def write(tmp):
         with open(tmp, "w", newline="") as f:
@@ -1128,17 +1151,60 @@ def write_history_csv(history, path):
     write_atomically(path, write)
 
 
+# ----------------------------------------------------------------------------
+# Using a saved model: load it, read image files, predict.
+# ----------------------------------------------------------------------------
+
 def load_model(path):
-    """Load a saved model; a missing, truncated or foreign file is a one-line `InputError`."""
+    """Load a saved model, with its `class_names` (None for models saved without them).
+
+    A missing, truncated or foreign file is a one-line `InputError`."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such model file")
     if not zipfile.is_zipfile(path):
         raise InputError(f"{path}: not a .keras model file (truncated or damaged?)")
     try:
-        return keras.models.load_model(path)
+        model = _with_class_names(keras.models.load_model(path))
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{path}: cannot load the model ({reason})") from None
+    if tuple(model.input_shape[1:]) != IMAGE_SHAPE or len(model.output_shape) != 2:
+        raise InputError(f"{path}: not an image classifier for {IMAGE_SHAPE} inputs")
+    return model
+
+
+def read_image(path):
+    """An image file as 32x32 RGB uint8, shrunk the way CIFAR images were (README, "Predicting your own images")."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        # PNG, JPEG, BMP or GIF (its first frame); palettes expanded, 16-bit scaled to 8-bit.
+        image = tf.io.decode_image(raw, expand_animations=False)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    except tf.errors.OpError:
+        raise InputError(f"{path}: not a readable PNG, JPEG, BMP or GIF image") from None
+    image = tf.cast(image, tf.float32)
+    if image.shape[-1] in (2, 4):  # transparent pixels over white, as a web page shows them
+        alpha = image[..., -1:] / 255.0
+        image = image[..., :-1] * alpha + 255.0 * (1.0 - alpha)
+    if image.shape[-1] == 1:
+        image = tf.image.grayscale_to_rgb(image)
+    side = min(image.shape[0], image.shape[1])
+    image = tf.image.resize_with_crop_or_pad(image, side, side)  # the central square
+    # Shrinking averages each output pixel's whole area (a box filter); small images are enlarged bilinearly.
+    image = tf.image.resize(image, IMAGE_SHAPE[:2], method="area" if side >= IMAGE_SHAPE[0] else "bilinear")
+    return np.clip(np.round(image.numpy()), 0, 255).astype(np.uint8)
+
+
+def predict_probabilities(model, images, batch_size=256, tta=False):
+    """Class probabilities for uint8 images; with `tta`, the mean over each image and its mirror image."""
+    images = np.asarray(images, np.float32)
+    probs = keras.ops.convert_to_numpy(model.predict(images, batch_size=batch_size, verbose=0))
+    if tta:
+        probs = (probs + keras.ops.convert_to_numpy(
+            model.predict(images[:, :, ::-1], batch_size=batch_size, verbose=0))) / 2
+    return probs
 
 
 # ----------------------------------------------------------------------------
@@ -1167,13 +1233,14 @@ def check_output_path(path):
     _check_writable(folder, "--output", path)
 
 
-def check_checkpoint_dir(path):
+def check_folder(path, option):
+    """A folder that exists and is writable, or can be created in one that is."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise InputError(f"--checkpoint-dir {path}: is a file, not a folder; choose another --checkpoint-dir")
+        raise InputError(f"{option} {path}: is a file, not a folder; choose another {option}")
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise InputError(f"--checkpoint-dir {path}: folder {folder} does not exist; create it first")
-    _check_writable(folder, "--checkpoint-dir", path)
+        raise InputError(f"{option} {path}: folder {folder} does not exist; create it first")
+    _check_writable(folder, option, path)
 
 
 def check_free_space(config, parameters):
@@ -1204,7 +1271,9 @@ def set_seeds(seed):
 
 def run(config):
     check_output_path(config.output)
-    check_checkpoint_dir(config.checkpoint_dir)
+    check_folder(config.checkpoint_dir, "--checkpoint-dir")
+    if config.tensorboard:
+        check_folder(config.tensorboard, "--tensorboard")
     strategy = make_strategy(config.distribute)
     if config.time_budget and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         raise InputError("--time-budget cannot be used with multi-worker training (each worker would time "
@@ -1239,8 +1308,10 @@ def run(config):
         results = evaluate_on_test_set(trainer, model, data, started)
         trainer.check_stop()  # the backup already holds the finished training
         if trainer.is_chief:  # other workers hold the same weights and write nothing
+            stem = os.path.splitext(config.output)[0]
             save_model_atomically(model, config.output)
-            write_history_csv(trainer.history, os.path.splitext(config.output)[0] + ".history.csv")
+            write_history_csv(trainer.history, stem + ".history.csv")
+            write_run_reports(trainer, results, stem, started)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -1258,34 +1329,156 @@ def evaluate_on_test_set(trainer, model, data, started):
         print(f"validation top-1 {100 * plain:.2f}% plain, {100 * flipped:.2f}% with flip TTA")
     test_pipeline = AugmentationPipeline(data.x_test, data.y_test, config.batch_size)
     plain, probs = trainer.predict_with_tta(test_pipeline, model)
-    results = evaluate(probs, data.y_test, data.fine_names)
+    results = evaluate(probs, data.y_test, data.fine_names, data.fine_to_coarse(), data.coarse_test)
     results["top1_plain"] = float(np.mean(plain.argmax(-1) == data.y_test))
-    print(f"\nTest set classification report (fine labels{', flip TTA' if config.tta else ''}):")
-    print(results["report"])
-    plain_note = f"  (saved model alone, no TTA: {100 * results['top1_plain']:.2f}%)" if config.tta else ""
-    print(f"test top-1 {100 * results['top1']:.2f}%  top-5 {100 * results['top5']:.2f}%{plain_note}  "
-          f"wall time {(time.time() - started) / 60:.1f} min")
+    results["text"] = format_report(results, f"Test set classification report (fine labels"
+                                             f"{', flip TTA' if config.tta else ''}):")
+    if config.tta:
+        results["text"] += f"\n(the saved model alone, without TTA: top-1 {100 * results['top1_plain']:.2f}%)"
+    print("\n" + results["text"])
+    print(f"wall time {(time.time() - started) / 60:.1f} min")
     return results
 
 
+def describe_environment():
+    """Library versions and hardware, for the metrics file."""
+    import sklearn
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    gpus = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
+            for gpu in tf.config.list_physical_devices("GPU")]
+    return {"versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
+                         "keras": keras.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__},
+            "hardware": {"cpu": cpu, "logical_cpus": os.cpu_count(), "gpus": gpus, "platform": platform.platform()}}
+
+
+def write_run_reports(trainer, results, stem, started):
+    """`<stem>.metrics.json` and `<stem>.report.txt`; with matplotlib, also curve and confusion images."""
+    config, names, per_class = trainer.config, trainer.data.fine_names, results["per_class"]
+    test = {key: results[key] for key in ("top1", "top5", "superclass_top1")}
+    test.update(top1_without_tta=results["top1_plain"], tta=config.tta, images=int(results["confusion"].sum()))
+    metrics = {"test": test, "best_validation_top1": trainer.best_accuracy,
+               "per_class": {name: per_class[name] for name in names},
+               "averages": {name: per_class[name] for name in ("macro avg", "weighted avg")},
+               "most_confused": results["most_confused"], "epochs_trained": len(trainer.history),
+               "wall_time_seconds": round(time.time() - started, 1), "seed": config.seed,
+               "precision": trainer.precision, "replicas": trainer.replicas, "config": dataclasses.asdict(config),
+               **describe_environment()}
+    write_text_atomically(stem + ".metrics.json", json.dumps(metrics, indent=1) + "\n")
+    write_text_atomically(stem + ".report.txt", results["text"] + "\n")
+    save_plots(trainer.history, results["confusion"], names, stem)
+
+
+def save_plots(history, confusion, class_names, stem):
+    """Training curves and the row-normalized confusion matrix as PNG files, where matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("for training-curve and confusion-matrix images as well: pip install matplotlib")
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, keys in zip(axes, (("train_loss", "val_loss"), ("train_accuracy", "val_accuracy"), ("learning_rate",))):
+        for key in keys:
+            ax.plot([h["epoch"] for h in history], [h.get(key, np.nan) for h in history], marker="o", label=key)
+        ax.set(xlabel="epoch")
+        ax.legend()
+    confusion_fig, ax = plt.subplots(figsize=(14, 14))
+    ax.imshow(confusion / np.maximum(confusion.sum(1, keepdims=True), 1), cmap="Blues")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=6)
+    ax.set_yticks(range(len(class_names)), class_names, fontsize=6)
+    ax.set(xlabel="predicted class", ylabel="true class", title="Test set confusion matrix (each row sums to 1)")
+    for figure, suffix in ((fig, ".curves.png"), (confusion_fig, ".confusion.png")):
+        figure.tight_layout()
+        write_atomically(stem + suffix, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+        plt.close(figure)
+
+
+def build_command_parser(command):
+    """The `predict` and `evaluate` command lines (training's comes from `Config`)."""
+    describe = {"predict": "Print the most likely CIFAR-100 classes of image files, using a saved model.",
+                "evaluate": "Evaluate a saved model on the CIFAR-100 test set: top-1, top-5, superclass "
+                            "accuracy, per-class report, most confused classes."}
+    parser = argparse.ArgumentParser(prog=f"{PROG} {command}", description=describe[command],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if command == "predict":
+        parser.add_argument("images", nargs="+", metavar="IMAGE",
+                            help="PNG, JPEG, BMP or GIF files of any size and colour mode")
+    parser.add_argument("--model", default=Config.output, help="the saved .keras model")
+    if command == "predict":
+        parser.add_argument("--top", type=_positive_int, default=5, help="classes to print per image")
+        parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    else:
+        parser.add_argument("--data", default=None, help=Config.__dataclass_fields__["data"].metadata["help"])
+        parser.add_argument("--batch-size", type=_positive_int, default=256, help="images per prediction batch")
+        parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
+                            help="average the predictions for each image and its mirror image")
+    return parser
+
+
+def predict_images(args):
+    """The `predict` command: exit code 0, or 2 if any file could not be read."""
+    model = load_model(args.model)
+    names = list(model.class_names or (f"class {i}" for i in range(model.output_shape[-1])))
+    results, images = [], []
+    for path in args.images:
+        try:
+            images.append(read_image(path))
+            results.append({"file": path})
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            results.append({"file": path, "error": str(exc)})
+    read = [r for r in results if "error" not in r]
+    for result, probs in zip(read, predict_probabilities(model, images) if images else []):
+        result["predictions"] = [{"class": names[i], "index": int(i), "probability": float(probs[i])}
+                                 for i in np.argsort(-probs, kind="stable")[:args.top]]
+    if args.json:
+        print(json.dumps(results, indent=2))
+    for result in read if not args.json else []:
+        print(result["file"])
+        for p in result["predictions"]:
+            print(f"  {100 * p['probability']:6.2f}%  {p['class']}")
+    return 2 if len(read) < len(results) else 0
+
+
+def evaluate_model(args):
+    """The `evaluate` command."""
+    model = load_model(args.model)
+    if args.data is not None and not os.path.exists(args.data):
+        raise InputError(f"--data {args.data}: no such file or folder")
+    data = load_cifar100(args.data)
+    if model.output_shape[-1] != NUM_CLASSES or (model.class_names and list(model.class_names) != data.fine_names):
+        raise InputError(f"{args.model}: its classes are not this data set's {NUM_CLASSES} classes")
+    probs = predict_probabilities(model, data.x_test, args.batch_size, args.tta)
+    results = evaluate(probs, data.y_test, data.fine_names, data.fine_to_coarse(), data.coarse_test)
+    print(format_report(results, f"{args.model} on the CIFAR-100 test set ({len(data.y_test)} images"
+                                 f"{', flip TTA' if args.tta else ''}):"))
+    return 0
+
+
 def main(argv=None):
-    config = parse_config(argv)
+    """`[train] [options]`, `predict IMAGE... [options]` or `evaluate [options]`; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in ("train", "predict", "evaluate") else "train"
+    args = parse_config(argv) if command == "train" else build_command_parser(command).parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach logs as they happen
     try:
-        run(config)
-    except InputError as exc:
+        if command == "train":
+            run(args)
+            return 0
+        return predict_images(args) if command == "predict" else evaluate_model(args)
+    except (InputError, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
+        return 3 if isinstance(exc, TrainingDiverged) else 2
     except TrainingInterrupted as exc:
         print(exc, file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:  # before training started: nothing to back up
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

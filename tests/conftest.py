@@ -1,5 +1,6 @@
 """Shared fixtures: tiny synthetic CIFAR-100 data written in the official python format."""
 
+import importlib.util
 import os
 import pickle
 import sys
@@ -91,3 +92,11 @@ TINY_ARGS = ["--epochs", "1", "--batch-size", "32", "--validation-split", "0.25"
 def _work_in_tmp_path(tmp_path, monkeypatch):
     """Default outputs (the model, its backup folder) land in a per-test folder, never in the checkout."""
     monkeypatch.chdir(tmp_path)
+
+
+def run_outputs(stem="cifar_hybrid"):
+    """The files a finished training run leaves beside its model (the images only with matplotlib)."""
+    names = [f"{stem}.keras", f"{stem}.history.csv", f"{stem}.metrics.json", f"{stem}.report.txt"]
+    if importlib.util.find_spec("matplotlib"):
+        names += [f"{stem}.curves.png", f"{stem}.confusion.png"]
+    return sorted(names)

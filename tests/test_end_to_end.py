@@ -1,5 +1,7 @@
 """The whole program as a user runs it, and the saved model in a fresh process."""
 
+import csv
+import json
 import os
 import subprocess
 import sys
@@ -10,27 +12,73 @@ import numpy as np
 import pytest
 
 import cifar_hybrid_classifier as chc
-from conftest import FINE_NAMES, ROOT, TINY_ARGS
+from conftest import FINE_NAMES, ROOT, TINY_ARGS, run_outputs
 
 SCRIPT = os.path.join(ROOT, "cifar_hybrid_classifier.py")
 
 
+def read_tensorboard_scalars(folder):
+    """{tag: [(step, value), ...]} from the event files in `folder`, read with TensorFlow alone."""
+    import tensorflow as tf
+    scalars = {}
+    for path in tf.io.gfile.glob(os.path.join(folder, "events.out.tfevents.*")):
+        for raw in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(raw.numpy())
+            for value in event.summary.value:
+                assert value.metadata.plugin_data.plugin_name == "scalars"
+                scalars.setdefault(value.tag, []).append((event.step, float(tf.make_ndarray(value.tensor))))
+    return scalars
+
+
 def test_script_trains_reports_and_saves(tmp_path, cifar_tarball):
     output = tmp_path / "cifar_hybrid.keras"
-    result = subprocess.run([sys.executable, SCRIPT, "--data", cifar_tarball, "--output", str(output), *TINY_ARGS],
+    result = subprocess.run([sys.executable, SCRIPT, "train", "--data", cifar_tarball, "--output", str(output),
+                             *TINY_ARGS, "--epochs", "2", "--tensorboard", str(tmp_path / "logs")],
                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "precision" in out and "recall" in out and "f1-score" in out
     assert all(name in out for name in (FINE_NAMES[0], FINE_NAMES[57], FINE_NAMES[99]))
-    assert "test top-1" in out and "top-5" in out
+    assert "test top-1" in out and "top-5" in out and "superclass top-1" in out
+    assert "Most confused classes" in out
     assert f"saved the model to {output}" in out
     assert output.is_file() and output.stat().st_size > 10_000
     umask = os.umask(0)
     os.umask(umask)
     assert output.stat().st_mode & 0o777 == 0o666 & ~umask  # as any file the user creates
-    # No temporary files or backup left behind.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar_hybrid.history.csv", output.name]
+    # The run's files and nothing else: no temporary files, no backup.
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "logs") == run_outputs()
+    if "cifar_hybrid.curves.png" not in run_outputs():
+        assert out.count("pip install matplotlib") == 1
+
+    with open(tmp_path / "cifar_hybrid.history.csv", newline="") as f:
+        history = list(csv.DictReader(f))
+    assert [h["epoch"] for h in history] == ["1", "2"]
+    assert list(history[0]) == ["epoch", "seconds", "elapsed", "learning_rate", "train_loss", "train_accuracy",
+                                "val_loss", "val_accuracy"]
+    assert all(float(h["val_loss"]) > 0 and 0 <= float(h["val_accuracy"]) <= 1 for h in history)
+
+    metrics = json.loads((tmp_path / "cifar_hybrid.metrics.json").read_text())
+    test = metrics["test"]
+    assert set(test) == {"top1", "top5", "superclass_top1", "top1_without_tta", "tta", "images"}
+    assert test["images"] == 200 and 0 <= test["top1"] <= test["top5"] <= 1
+    assert f"test top-1 {100 * test['top1']:.2f}%  top-5 {100 * test['top5']:.2f}%" in out
+    assert list(metrics["per_class"]) == FINE_NAMES
+    assert set(metrics["per_class"][FINE_NAMES[3]]) == {"precision", "recall", "f1-score", "support"}
+    assert metrics["config"]["epochs"] == 2 and metrics["seed"] == 42 and metrics["epochs_trained"] == 2
+    assert metrics["config"]["cnn_widths"] == [8, 16]
+    assert {"python", "tensorflow", "keras", "numpy", "scikit-learn"} <= set(metrics["versions"])
+    assert metrics["hardware"]["logical_cpus"] >= 1 and metrics["hardware"]["cpu"]
+    assert 0 < metrics["wall_time_seconds"] < 600
+    assert all(set(p) == {"true", "predicted", "count"} for p in metrics["most_confused"])
+
+    report = (tmp_path / "cifar_hybrid.report.txt").read_text()
+    assert report.strip() in out and "Most confused classes" in report and FINE_NAMES[57] in report
+
+    scalars = read_tensorboard_scalars(tmp_path / "logs")
+    assert {"learning_rate", "train_loss", "train_accuracy", "val_loss", "val_accuracy"} <= set(scalars)
+    assert [step for step, _ in scalars["val_accuracy"]] == [1, 2]
+    assert scalars["val_accuracy"][1][1] == pytest.approx(float(history[1]["val_accuracy"]), abs=1e-6)
 
 
 RELOAD = textwrap.dedent("""

@@ -1,0 +1,226 @@
+"""Using a saved model: `predict` on image files, `evaluate` on the test set, class names, other backends."""
+
+import base64
+import importlib.util
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import cifar_hybrid_classifier as chc
+from conftest import FINE_NAMES, ROOT, TINY_ARGS, assert_one_line_error
+
+SCRIPT = os.path.join(ROOT, "cifar_hybrid_classifier.py")
+
+
+def run_script(*args, **kwargs):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory, cifar_folder):
+    """A tiny model trained on the synthetic data and saved the way the command line saves it."""
+    config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS, "--epochs", "3", "--learning-rate", "0.01"])
+    chc.set_seeds(config.seed)
+    trainer = chc.Trainer(config, chc.load_cifar100(cifar_folder), log=lambda *_: None)
+    trainer.fit()
+    path = str(tmp_path_factory.mktemp("model") / "m.keras")
+    chc.save_model_atomically(trainer.export_model(), path)
+    return path
+
+
+# -- image files written by hand: TensorFlow encodes only PNG and JPEG --
+
+def png_chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def palette_png(indices, palette):
+    """An 8-bit palette PNG (colour type 3)."""
+    h, w = indices.shape
+    rows = b"".join(b"\0" + row.astype(np.uint8).tobytes() for row in indices)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0))
+            + png_chunk(b"PLTE", bytes(np.asarray(palette, np.uint8).ravel()))
+            + png_chunk(b"IDAT", zlib.compress(rows)) + png_chunk(b"IEND", b""))
+
+
+def bmp_24bit(rgb):
+    """An uncompressed 24-bit BMP: bottom-up BGR rows padded to four bytes."""
+    h, w, _ = rgb.shape
+    pad = b"\0" * ((4 - w * 3 % 4) % 4)
+    body = b"".join(rgb[r, :, ::-1].tobytes() + pad for r in range(h - 1, -1, -1))
+    return (b"BM" + struct.pack("<IHHI", 54 + len(body), 0, 0, 54)
+            + struct.pack("<IiiHHIIiiII", 40, w, h, 1, 24, 0, len(body), 2835, 2835, 0, 0) + body)
+
+
+ONE_PIXEL_GIF = base64.b64decode("R0lGODlhAQABAIAAAP///wAAACH5BAEAAAAALAAAAAABAAEAAAICRAEAOw==")
+
+
+def write_images(folder, data):
+    """Test images of many sizes and modes; returns their paths, the last two unreadable."""
+    rng = np.random.default_rng(0)
+    test_image = data.x_test[7]
+    files = {
+        "rgb_60x40.png": tf.io.encode_png(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)),
+        "gray_17x9.png": tf.io.encode_png(rng.integers(0, 256, (17, 9, 1), dtype=np.uint8)),
+        "rgba_200x300.png": tf.io.encode_png(rng.integers(0, 256, (300, 200, 4), dtype=np.uint8)),
+        "gray16_32x32.png": tf.io.encode_png(rng.integers(0, 65536, (32, 32, 1), dtype=np.uint16)),
+        "class7_32x32.png": tf.io.encode_png(test_image),
+        "photo_640x480.jpg": tf.io.encode_jpeg(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)),
+        "gray_5x5.jpg": tf.io.encode_jpeg(rng.integers(0, 256, (5, 5, 1), dtype=np.uint8)),
+        "palette_8x6.png": palette_png(rng.integers(0, 4, (6, 8)), [[255, 0, 0], [0, 255, 0], [0, 0, 255], [9, 9, 9]]),
+        "image_5x3.bmp": bmp_24bit(rng.integers(0, 256, (3, 5, 3), dtype=np.uint8)),
+        "pixel.gif": ONE_PIXEL_GIF,
+        "truncated.png": tf.io.encode_png(test_image).numpy()[:60],
+        "noise.jpg": rng.bytes(300),
+    }
+    paths = []
+    for name, content in files.items():
+        path = os.path.join(folder, name)
+        with open(path, "wb") as f:
+            f.write(content if isinstance(content, bytes) else content.numpy())
+        paths.append(path)
+    return paths
+
+
+def test_read_image_converts_any_mode_and_size_to_32x32_rgb(tmp_path):
+    def read(name, content):
+        (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.numpy())
+        image = chc.read_image(str(tmp_path / name))
+        assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+        return image.astype(int)
+
+    transparent = np.zeros((10, 10, 4), np.uint8)
+    assert (read("clear.png", tf.io.encode_png(transparent)) == 255).all()  # composited over white
+    assert (read("gray.png", tf.io.encode_png(np.full((50, 50, 1), 100, np.uint8))) == 100).all()
+    wide = np.zeros((64, 128, 3), np.uint8)
+    wide[:, :32] = wide[:, 96:] = (255, 0, 0)
+    wide[:, 32:96] = (0, 0, 255)
+    assert (read("wide.png", tf.io.encode_png(wide)) == (0, 0, 255)).all()  # the central square only
+    stripes = np.zeros((64, 64, 3), np.uint8)
+    stripes[:, ::2] = 255  # one-pixel stripes: shrinking must average them, not pick every other column
+    assert np.abs(read("stripes.png", tf.io.encode_png(stripes)) - 127.5).max() <= 1
+    palette = read("palette.png", palette_png(np.zeros((4, 4), int), [[10, 200, 30]]))
+    assert (palette == (10, 200, 30)).all()
+    assert (read("pixel.gif", ONE_PIXEL_GIF) == read("pixel.gif", ONE_PIXEL_GIF)[0, 0]).all()
+    with pytest.raises(chc.InputError, match="not a readable"):
+        read("bad.png", b"\x89PNG\r\n\x1a\n not really")
+
+
+def test_predict_json_for_many_formats_with_a_corrupt_file_among_them(tmp_path, model_path, cifar_folder):
+    data = chc.load_cifar100(cifar_folder)
+    paths = write_images(str(tmp_path), data)
+    result = run_script("predict", *paths, "--model", model_path, "--top", "3", "--json")
+    assert result.returncode == 2  # some files failed
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "truncated.png" in errors[0] and "noise.jpg" in errors[1]
+    entries = json.loads(result.stdout)
+    assert [e["file"] for e in entries] == paths
+    assert "error" in entries[-1] and "error" in entries[-2]
+    model = chc.load_model(model_path)
+    images = np.stack([chc.read_image(p) for p in paths[:-2]])
+    expected = model.predict(images.astype(np.float32), verbose=0)
+    for entry, probs in zip(entries[:-2], expected):
+        top = entry["predictions"]
+        assert len(top) == 3 and [p["index"] for p in top] == list(np.argsort(-probs, kind="stable")[:3])
+        assert [p["class"] for p in top] == [FINE_NAMES[p["index"]] for p in top]
+        assert [p["probability"] for p in top] == pytest.approx([float(probs[p["index"]]) for p in top], abs=1e-5)
+        assert top[0]["probability"] >= top[1]["probability"] >= top[2]["probability"]
+    # A CIFAR-sized file passes unchanged: its prediction is the model's for the original array.
+    np.testing.assert_array_equal(images[4], data.x_test[7])
+    assert entries[4]["predictions"][0]["index"] == int(model.predict(data.x_test[7:8], verbose=0).argmax())
+
+
+def test_predict_text_output_and_bad_arguments(tmp_path, model_path):
+    image = tmp_path / "gray.png"
+    image.write_bytes(tf.io.encode_png(np.full((20, 30, 1), 90, np.uint8)).numpy())
+    result = run_script("predict", str(image), "--model", model_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == str(image) and len(lines) == 6  # the file, then the default top 5
+    assert all(re.fullmatch(r"\s+\d+\.\d\d%  fine_\d\d", line) for line in lines[1:])
+    assert_one_line_error(run_script("predict", str(image), "--model", str(tmp_path / "none.keras")),
+                          "no such model file")
+    assert run_script("predict", str(image), "--top", "0").returncode == 2
+
+
+def test_evaluate_matches_a_direct_computation(model_path, cifar_tarball):
+    result = run_script("evaluate", "--model", model_path, "--data", cifar_tarball)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = chc.load_cifar100(cifar_tarball)
+    probs = chc.load_model(model_path).predict(data.x_test.astype(np.float32), verbose=0)
+    top1 = np.mean(probs.argmax(1) == data.y_test)
+    top5 = np.mean([label in np.argsort(-p)[:5] for p, label in zip(probs, data.y_test)])
+    superclass = np.mean(probs.argmax(1) // 5 == data.y_test // 5)  # the synthetic superclass of class c is c // 5
+    assert (f"test top-1 {100 * top1:.2f}%  top-5 {100 * top5:.2f}%  superclass top-1 {100 * superclass:.2f}%"
+            in result.stdout)
+    assert "f1-score" in result.stdout and FINE_NAMES[99] in result.stdout
+    confused = result.stdout.split("Most confused classes (true -> predicted: test images):\n")[1].splitlines()
+    counts = [int(line.rsplit(": ", 1)[1]) for line in confused[:10] if "->" in line]
+    assert 0 < len(counts) <= 10 and counts == sorted(counts, reverse=True)
+
+
+def test_evaluate_figures_on_a_hand_made_example():
+    names = list("abcdefgh")
+    labels = np.array([0, 0, 1, 1, 2, 3])
+    predicted = [0, 1, 1, 2, 2, 0]  # right: images 0, 2, 4; wrong: a->b, b->c, d->a
+    probs = np.tile(np.linspace(0.01, 0.08, 8), (6, 1))  # distinct low scores
+    probs[np.arange(6), predicted] = 1.0
+    probs[1, 0] = probs[3, 1] = 0.5  # the right class second: inside the top 5
+    probs[5, 3] = 0.0  # the right class last: outside the top 5
+    results = chc.evaluate(probs, labels, names, fine_to_coarse=np.array([0, 0, 1, 1, 2, 2, 3, 3]),
+                           coarse_labels=np.array([0, 0, 0, 0, 1, 1]))
+    assert results["top1"] == pytest.approx(3 / 6)
+    assert results["top5"] == pytest.approx(5 / 6)
+    assert results["superclass_top1"] == pytest.approx(4 / 6)  # predicted superclasses 0, 0, 0, 1, 1, 0
+    pairs = {(p["true"], p["predicted"]): p["count"] for p in results["most_confused"]}
+    assert pairs == {("a", "b"): 1, ("b", "c"): 1, ("d", "a"): 1}
+    assert results["confusion"].sum() == 6
+    assert results["per_class"]["c"]["recall"] == 1.0 and results["per_class"]["b"]["precision"] == 0.5
+
+
+def test_class_names_travel_inside_the_saved_model(model_path):
+    model = chc.load_model(model_path)
+    assert list(model.class_names) == FINE_NAMES
+    head = model.get_layer("fusion_head")
+    assert head.get_config()["class_names"] == FINE_NAMES
+    assert chc.FusionHead.from_config(head.get_config()).class_names == FINE_NAMES
+    with pytest.raises(ValueError, match="3 class names for 100 classes"):
+        chc.FusionHead(class_names=["a", "b", "c"])
+
+
+BACKEND_PREDICT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import keras
+    import cifar_hybrid_classifier as chc
+    model = chc.load_model(sys.argv[1])
+    probs = keras.ops.convert_to_numpy(model.predict(np.load(sys.argv[2]).astype("float32"), verbose=0))
+    print(keras.backend.backend(), list(model.class_names)[:2], ",".join(map(str, probs.argmax(-1))))
+""")
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_the_saved_model_predicts_the_same_classes_under_another_backend(backend, tmp_path, model_path,
+                                                                         cifar_folder):
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed (.ci/run installs torch)")
+    batch = chc.load_cifar100(cifar_folder).x_test[:64]
+    np.save(tmp_path / "batch.npy", batch)
+    expected = chc.load_model(model_path).predict(batch.astype(np.float32), verbose=0).argmax(-1)
+    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": ROOT}
+    result = subprocess.run([sys.executable, "-c", BACKEND_PREDICT, model_path, str(tmp_path / "batch.npy")],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith(f"{backend} ['fine_00', 'fine_01'] ")
+    assert line.rsplit(" ", 1)[1] == ",".join(map(str, expected))
