@@ -1270,6 +1270,8 @@ def set_seeds(seed):
 
 
 def run(config):
+    if keras.backend.backend() != "tensorflow":  # the loop uses tf.distribute; a saved model runs anywhere
+        raise InputError(f"training needs the TensorFlow backend, not KERAS_BACKEND={keras.backend.backend()}")
     check_output_path(config.output)
     check_folder(config.checkpoint_dir, "--checkpoint-dir")
     if config.tensorboard:
