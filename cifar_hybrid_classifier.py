@@ -21,7 +21,6 @@ import math
 import os
 import pickle
 import platform
-import random
 import shutil
 import signal
 import sys
@@ -972,19 +971,9 @@ class Trainer:
     def learning_rate(self):
         return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
 
-    def predict(self, pipeline, model=None, flip=False):
-        """Class probabilities for every image of an evaluation pipeline (mirrored if `flip`), in order."""
-        predict_step = self._predict_step if model in (None, self.model) else tf.function(
-            lambda x: model(x, training=False), reduce_retracing=True)
-        return np.concatenate([predict_step(tf.reverse(x, axis=[2]) if flip else x).numpy()
-                               for x, _ in pipeline.eval_dataset()])
-
-    def predict_with_tta(self, pipeline, model=None):
-        """Plain probabilities, and (with --tta) the mean over each image and its mirror image."""
-        plain = self.predict(pipeline, model)
-        if not self.config.tta:
-            return plain, plain
-        return plain, (plain + self.predict(pipeline, model, flip=True)) / 2
+    def predict(self, pipeline):
+        """Class probabilities of the model in training for every image of an evaluation pipeline, in order."""
+        return np.concatenate([self._predict_step(x).numpy() for x, _ in pipeline.eval_dataset()])
 
     def fit(self):
         """Train from `start_epoch`/`start_step` (non-zero after `resume`), backing up after every epoch."""
@@ -1076,7 +1065,7 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------
-# Evaluation
+# Evaluation and the run's reports
 # ----------------------------------------------------------------------------
 
 def evaluate(probs, labels, class_names, fine_to_coarse=None, coarse_labels=None):
@@ -1111,14 +1100,107 @@ def format_report(results, title):
     return "\n".join(lines + ["", "test " + summary])
 
 
-def write_atomically(path, write):
-    """`write(temporary_path)` beside `path`, then rename: an interrupted write never leaves half a file
-    and never touches the previous one."""
+HISTORY_FIELDS = ["epoch", "seconds", "elapsed", "learning_rate", "train_loss", "train_accuracy", "val_loss",
+                  "val_accuracy"]
+
+
+def evaluate_on_test_set(trainer, model, data, started):
+    """The final report of a training run, on the exported model (the one that is saved)."""
+    config = trainer.config
+
+    def plain_and_tta(images):
+        plain = predict_probabilities(model, images)
+        return plain, (plain + predict_probabilities(model, images[:, :, ::-1])) / 2 if config.tta else plain
+
+    if config.tta:  # evidence for test-time augmentation comes from validation data, never the test set
+        plain, flipped = (np.mean(p.argmax(-1) == trainer.y_val) for p in plain_and_tta(trainer.x_val))
+        print(f"validation top-1 {100 * plain:.2f}% plain, {100 * flipped:.2f}% with flip TTA")
+    plain, probs = plain_and_tta(data.x_test)
+    results = evaluate(probs, data.y_test, data.fine_names, data.fine_to_coarse(), data.coarse_test)
+    results["top1_plain"] = float(np.mean(plain.argmax(-1) == data.y_test))
+    results["text"] = format_report(results, f"Test set classification report (fine labels"
+                                             f"{', flip TTA' if config.tta else ''}):")
+    if config.tta:
+        results["text"] += f"\n(the saved model alone, without TTA: top-1 {100 * results['top1_plain']:.2f}%)"
+    print("\n" + results["text"])
+    print(f"wall time {(time.time() - started) / 60:.1f} min")
+    return results
+
+
+def describe_environment():
+    """Library versions and hardware, for the metrics file."""
+    import sklearn
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    gpus = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
+            for gpu in tf.config.list_physical_devices("GPU")]
+    return {"versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
+                         "keras": keras.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__},
+            "hardware": {"cpu": cpu, "logical_cpus": os.cpu_count(), "gpus": gpus, "platform": platform.platform()}}
+
+
+def write_run_reports(trainer, results, stem, started):
+    """`<stem>.history.csv`, `.metrics.json`, `.report.txt`; with matplotlib, curve and confusion images."""
+    config, names, per_class = trainer.config, trainer.data.fine_names, results["per_class"]
+    test = {key: results[key] for key in ("top1", "top5", "superclass_top1")}
+    test.update(top1_without_tta=results["top1_plain"], tta=config.tta, images=int(results["confusion"].sum()))
+    metrics = {"test": test, "best_validation_top1": trainer.best_accuracy,
+               "per_class": {name: per_class[name] for name in names},
+               "averages": {name: per_class[name] for name in ("macro avg", "weighted avg")},
+               "most_confused": results["most_confused"], "epochs_trained": len(trainer.history),
+               "wall_time_seconds": round(time.time() - started, 1), "seed": config.seed,
+               "precision": trainer.precision, "replicas": trainer.replicas, "config": dataclasses.asdict(config),
+               **describe_environment()}
+    history = io.StringIO()
+    writer = csv.DictWriter(history, HISTORY_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({k: f"{v:.9g}" if isinstance(v, float) else v for k, v in h.items()} for h in trainer.history)
+    write_atomically(stem + ".history.csv", history.getvalue())
+    write_atomically(stem + ".metrics.json", json.dumps(metrics, indent=1) + "\n")
+    write_atomically(stem + ".report.txt", results["text"] + "\n")
+    save_plots(trainer.history, results["confusion"], names, stem)
+
+
+def save_plots(history, confusion, class_names, stem):
+    """Training curves and the row-normalized confusion matrix as PNG files, where matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("for training-curve and confusion-matrix images as well: pip install matplotlib")
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, keys in zip(axes, (("train_loss", "val_loss"), ("train_accuracy", "val_accuracy"), ("learning_rate",))):
+        for key in keys:
+            ax.plot([h["epoch"] for h in history], [h.get(key, np.nan) for h in history], marker="o", label=key)
+        ax.set(xlabel="epoch")
+        ax.legend()
+    confusion_fig, ax = plt.subplots(figsize=(14, 14))
+    ax.imshow(confusion / np.maximum(confusion.sum(1, keepdims=True), 1), cmap="Blues")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=6)
+    ax.set_yticks(range(len(class_names)), class_names, fontsize=6)
+    ax.set(xlabel="predicted class", ylabel="true class", title="Test set confusion matrix (each row sums to 1)")
+    for figure, suffix in ((fig, ".curves.png"), (confusion_fig, ".confusion.png")):
+        figure.tight_layout()
+        write_atomically(stem + suffix, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+        plt.close(figure)
+
+
+def write_atomically(path, content):
+    """`content` (text, or a function that writes to a file name) into a temporary file beside `path`, then
+    a rename: an interrupted write never leaves half a file and never touches the previous one."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     os.close(fd)
     try:
-        write(tmp)
+        if callable(content):
+            content(tmp)
+        else:
+            with open(tmp, "w", newline="") as f:
+                f.write(content)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's private 0600 would otherwise reach the final file
@@ -1130,25 +1212,6 @@ def write_atomically(path, write):
 
 def save_model_atomically(model, path):
     write_atomically(path, model.save)
-
-
-def write_text_atomically(path, text):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    write_atomically(path, write)
-
-
-def write_history_csv(history, path):
-    fields = ["epoch", "seconds", "elapsed", "learning_rate", "train_loss", "train_accuracy", "val_loss",
-              "val_accuracy"]
-
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fields, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows({k: f"{v:.9g}" if isinstance(v, float) else v for k, v in h.items()} for h in history)
-    write_atomically(path, write)
 
 
 # ----------------------------------------------------------------------------
@@ -1198,12 +1261,10 @@ def read_image(path):
 
 
 def predict_probabilities(model, images, batch_size=256, tta=False):
-    """Class probabilities for uint8 images; with `tta`, the mean over each image and its mirror image."""
-    images = np.asarray(images, np.float32)
+    """Class probabilities for (N, 32, 32, 3) images; with `tta`, the mean over each image and its mirror image."""
     probs = keras.ops.convert_to_numpy(model.predict(images, batch_size=batch_size, verbose=0))
     if tta:
-        probs = (probs + keras.ops.convert_to_numpy(
-            model.predict(images[:, :, ::-1], batch_size=batch_size, verbose=0))) / 2
+        probs = (probs + predict_probabilities(model, images[:, :, ::-1], batch_size)) / 2
     return probs
 
 
@@ -1264,9 +1325,7 @@ def print_parameter_summary(model):
 
 
 def set_seeds(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    keras.utils.set_random_seed(seed)  # also seeds TensorFlow and Keras' own generators
+    keras.utils.set_random_seed(seed)  # seeds Python's random, NumPy, TensorFlow and Keras' own generators
 
 
 def run(config):
@@ -1312,7 +1371,6 @@ def run(config):
         if trainer.is_chief:  # other workers hold the same weights and write nothing
             stem = os.path.splitext(config.output)[0]
             save_model_atomically(model, config.output)
-            write_history_csv(trainer.history, stem + ".history.csv")
             write_run_reports(trainer, results, stem, started)
     finally:
         for s, handler in previous.items():
@@ -1321,82 +1379,6 @@ def run(config):
     if trainer.is_chief:
         print(f"saved the model to {os.path.abspath(config.output)}")
     return results, trainer
-
-
-def evaluate_on_test_set(trainer, model, data, started):
-    config = trainer.config
-    if config.tta:  # evidence for test-time augmentation comes from validation data, never the test set
-        plain, flipped = (np.mean(p.argmax(-1) == trainer.y_val) for p in trainer.predict_with_tta(
-            trainer.val_pipeline, model))
-        print(f"validation top-1 {100 * plain:.2f}% plain, {100 * flipped:.2f}% with flip TTA")
-    test_pipeline = AugmentationPipeline(data.x_test, data.y_test, config.batch_size)
-    plain, probs = trainer.predict_with_tta(test_pipeline, model)
-    results = evaluate(probs, data.y_test, data.fine_names, data.fine_to_coarse(), data.coarse_test)
-    results["top1_plain"] = float(np.mean(plain.argmax(-1) == data.y_test))
-    results["text"] = format_report(results, f"Test set classification report (fine labels"
-                                             f"{', flip TTA' if config.tta else ''}):")
-    if config.tta:
-        results["text"] += f"\n(the saved model alone, without TTA: top-1 {100 * results['top1_plain']:.2f}%)"
-    print("\n" + results["text"])
-    print(f"wall time {(time.time() - started) / 60:.1f} min")
-    return results
-
-
-def describe_environment():
-    """Library versions and hardware, for the metrics file."""
-    import sklearn
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    gpus = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
-            for gpu in tf.config.list_physical_devices("GPU")]
-    return {"versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
-                         "keras": keras.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__},
-            "hardware": {"cpu": cpu, "logical_cpus": os.cpu_count(), "gpus": gpus, "platform": platform.platform()}}
-
-
-def write_run_reports(trainer, results, stem, started):
-    """`<stem>.metrics.json` and `<stem>.report.txt`; with matplotlib, also curve and confusion images."""
-    config, names, per_class = trainer.config, trainer.data.fine_names, results["per_class"]
-    test = {key: results[key] for key in ("top1", "top5", "superclass_top1")}
-    test.update(top1_without_tta=results["top1_plain"], tta=config.tta, images=int(results["confusion"].sum()))
-    metrics = {"test": test, "best_validation_top1": trainer.best_accuracy,
-               "per_class": {name: per_class[name] for name in names},
-               "averages": {name: per_class[name] for name in ("macro avg", "weighted avg")},
-               "most_confused": results["most_confused"], "epochs_trained": len(trainer.history),
-               "wall_time_seconds": round(time.time() - started, 1), "seed": config.seed,
-               "precision": trainer.precision, "replicas": trainer.replicas, "config": dataclasses.asdict(config),
-               **describe_environment()}
-    write_text_atomically(stem + ".metrics.json", json.dumps(metrics, indent=1) + "\n")
-    write_text_atomically(stem + ".report.txt", results["text"] + "\n")
-    save_plots(trainer.history, results["confusion"], names, stem)
-
-
-def save_plots(history, confusion, class_names, stem):
-    """Training curves and the row-normalized confusion matrix as PNG files, where matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only: no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("for training-curve and confusion-matrix images as well: pip install matplotlib")
-        return
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for ax, keys in zip(axes, (("train_loss", "val_loss"), ("train_accuracy", "val_accuracy"), ("learning_rate",))):
-        for key in keys:
-            ax.plot([h["epoch"] for h in history], [h.get(key, np.nan) for h in history], marker="o", label=key)
-        ax.set(xlabel="epoch")
-        ax.legend()
-    confusion_fig, ax = plt.subplots(figsize=(14, 14))
-    ax.imshow(confusion / np.maximum(confusion.sum(1, keepdims=True), 1), cmap="Blues")
-    ax.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=6)
-    ax.set_yticks(range(len(class_names)), class_names, fontsize=6)
-    ax.set(xlabel="predicted class", ylabel="true class", title="Test set confusion matrix (each row sums to 1)")
-    for figure, suffix in ((fig, ".curves.png"), (confusion_fig, ".confusion.png")):
-        figure.tight_layout()
-        write_atomically(stem + suffix, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
-        plt.close(figure)
 
 
 def build_command_parser(command):
@@ -1434,7 +1416,7 @@ def predict_images(args):
             print(f"error: {exc}", file=sys.stderr)
             results.append({"file": path, "error": str(exc)})
     read = [r for r in results if "error" not in r]
-    for result, probs in zip(read, predict_probabilities(model, images) if images else []):
+    for result, probs in zip(read, predict_probabilities(model, np.stack(images)) if images else []):
         result["predictions"] = [{"class": names[i], "index": int(i), "probability": float(probs[i])}
                                  for i in np.argsort(-probs, kind="stable")[:args.top]]
     if args.json:

@@ -40,17 +40,21 @@ def run_script(*args):
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300)
 
 
-def test_missing_data_and_unwritable_output_fail_before_training(tmp_path, cifar_tarball):
+def test_missing_data_fails_before_training_in_one_line(tmp_path):
     result = run_script("--data", str(tmp_path / "nope.tar.gz"), "--output", str(tmp_path / "m.keras"))
     assert_one_line_error(result, "no such file")
 
+
+def test_corrupt_data_and_a_missing_output_folder_are_one_line_errors(tmp_path, cifar_tarball, capsys):
     corrupt = tmp_path / "corrupt.tar.gz"
     corrupt.write_bytes(b"\x1f\x8b not really gzip")
-    result = run_script("--data", str(corrupt), "--output", str(tmp_path / "m.keras"), *TINY_ARGS)
-    assert_one_line_error(result, "not a readable CIFAR-100 .tar.gz archive")
-
-    result = run_script("--data", cifar_tarball, "--output", str(tmp_path / "missing" / "m.keras"))
-    assert_one_line_error(result, "does not exist")
+    for argv, message in ((["--data", str(corrupt), "--output", str(tmp_path / "m.keras"), *TINY_ARGS],
+                           "not a readable CIFAR-100 .tar.gz archive"),
+                          (["--data", cifar_tarball, "--output", str(tmp_path / "missing" / "m.keras")],
+                           "does not exist")):
+        assert chc.main(argv) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0]
     assert not (tmp_path / "m.keras").exists()
 
 
@@ -71,3 +75,20 @@ def test_output_checks(tmp_path):
             chc.check_output_path(str(locked / "m.keras"))
     finally:
         locked.chmod(0o700)
+
+
+def test_tensorboard_folder_is_checked_before_training(tmp_path, capsys):
+    not_a_folder = tmp_path / "logs"
+    not_a_folder.write_text("a file")
+    assert chc.main(["--data", str(tmp_path / "unused"), "--tensorboard", str(not_a_folder)]) == 2
+    assert "--tensorboard" in capsys.readouterr().err
+    assert chc.main(["--data", str(tmp_path / "unused"), "--tensorboard", str(tmp_path / "no" / "logs")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["predict"], ["predict", "x.png", "--top", "0"], ["evaluate", "--batch-size", "0"],
+                                  ["evaluate", "--no-such-option"]])
+def test_subcommand_arguments_are_checked(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        chc.main(argv)
+    assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err

@@ -54,7 +54,8 @@ ONE_STEP_BOTH_WAYS = textwrap.dedent(TWO_CPUS + """
     # Batch statistics computed the same way on both sides: Keras's synchronized batch norm (which the
     # replicas need) takes E[x^2] - E[x]^2, plain batch norm two passes; in float32 they differ by ~1e-4.
     build_model = chc.build_model
-    chc.build_model = lambda config, dtype=None, synchronized_bn=False: build_model(config, dtype, True)
+    chc.build_model = lambda config, dtype=None, synchronized_bn=False, class_names=None: build_model(
+        config, dtype, True, class_names)
     initial = chc.build_model(chc.parse_config(common)).get_weights()
     # Same global batch (32) and the same effective learning rate (linear scaling doubles 0.005).
     one, single = one_step(tf.distribute.get_strategy(), 32, 0.01, initial)

@@ -163,11 +163,13 @@ def test_flip_tta_averages_each_image_and_its_mirror(cifar_folder):
     config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS])
     trainer = chc.Trainer(config, chc.load_cifar100(cifar_folder), log=lambda *_: None)
     images = trainer.x_val[:40]
-    pipeline = chc.AugmentationPipeline(images, trainer.y_val[:40], batch_size=16)
-    plain, tta = trainer.predict_with_tta(pipeline)
+    plain = chc.predict_probabilities(trainer.model, images, batch_size=16)
+    tta = chc.predict_probabilities(trainer.model, images, batch_size=16, tta=True)
     mirrored = trainer.model.predict(images[:, :, ::-1], verbose=0)
     np.testing.assert_allclose(plain, trainer.model.predict(images, verbose=0), atol=1e-5)
     np.testing.assert_allclose(tta, (plain + mirrored) / 2, atol=1e-5)
+    pipeline = chc.AugmentationPipeline(images, trainer.y_val[:40], batch_size=16)
+    np.testing.assert_allclose(trainer.predict(pipeline), plain, atol=1e-5)  # the loop's own validation path
 
 
 def test_warmup_cosine_schedule_and_moving_horizon():

@@ -1,13 +1,16 @@
 """Fault injection in real processes: kill -9, signals, interrupted saves, NaN losses, hostile input."""
 
 import csv
+import errno
 import os
 import pickle
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -296,15 +299,6 @@ UNREADABLE_TRAIN = textwrap.dedent("""
     sys.exit(chc.main(sys.argv[1:]))
 """)
 
-READ_ONLY_FOLDERS = textwrap.dedent("""
-    import errno, sys, tempfile
-    def refuse(*args, **kwargs):
-        raise OSError(errno.EROFS, "Read-only file system")
-    tempfile.NamedTemporaryFile = refuse
-    import cifar_hybrid_classifier as chc
-    sys.exit(chc.main(sys.argv[1:]))
-""")
-
 
 def test_unreadable_data_folder(tmp_path):
     folder = corrupt_folder(tmp_path)
@@ -318,44 +312,57 @@ def test_unreadable_data_folder(tmp_path):
         os.chmod(train, 0o600)
 
 
-DISK_FULL = textwrap.dedent("""
-    import shutil, sys
-    shutil.disk_usage = lambda path: shutil._ntuple_diskusage(10 ** 9, 10 ** 9 - 4096, 4096)
-    import cifar_hybrid_classifier as chc
-    sys.exit(chc.main(sys.argv[1:]))
-""")
-
-
-def test_paths_and_options(tmp_path, cifar_folder):
+def test_paths_and_options(tmp_path, cifar_folder, monkeypatch, capsys):
+    """In-process `main`: the same checks and messages as the command line, without a process per case."""
     out = str(tmp_path / "m.keras")
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    def disk_full(path):
+        return shutil._ntuple_diskusage(10 ** 9, 10 ** 9 - 4096, 4096)
+
     cases = [
         (["--output", str(tmp_path / "missing" / "m.keras")], "does not exist", None),
         (["--output", out, "--checkpoint-dir", str(tmp_path / "missing" / "b")], "does not exist", None),
         (["--output", out, "--checkpoint-dir", _file(tmp_path, "afile", b"x")], "is a file", None),
-        (["--output", out], "MB free", DISK_FULL),
-        (["--output", out], "is not writable (Read-only file system)", READ_ONLY_FOLDERS),
+        (["--output", out], "MB free", (shutil, "disk_usage", disk_full)),
+        (["--output", out], "is not writable (Read-only file system)", (tempfile, "NamedTemporaryFile", refuse)),
     ]
-    for extra, message, code in cases:
-        assert_one_line_error(run_script("--data", cifar_folder, *TINY_ARGS, *extra, code=code), message)
+    for extra, message, patch in cases:
+        with monkeypatch.context() as m:
+            if patch:
+                m.setattr(*patch)
+            assert chc.main(["--data", cifar_folder, *TINY_ARGS, *extra]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0]
     for extra, message in ((["--embed-dim", "30", "--num-heads", "4"], "must divide"),
                            (["--output", out, "--checkpoint-dir", out], "must differ")):
-        result = run_script("--data", cifar_folder, *TINY_ARGS, *extra)
-        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+        with pytest.raises(SystemExit) as exit_info:
+            chc.main(["--data", cifar_folder, *TINY_ARGS, *extra])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not os.path.exists(out)
 
 
-def test_backup_from_other_options_or_damaged_is_refused(tmp_path, slow_folder):
+def test_backup_from_other_options_or_damaged_is_refused(tmp_path, slow_folder, capsys):
     args = ["--data", slow_folder, *FOUR_EPOCHS, "--output", str(tmp_path / "m.keras")]
     child = Child(args, tmp_path / "killed.err")
     try:
         child.wait_for("epoch 1/4")
     finally:
         child.close()
-    assert_one_line_error(run_script(*args, "--learning-rate", "0.01"), "--learning-rate 0.002 -> 0.01")
+
+    def one_line_error(argv):  # in-process `main`: the checks run before any training step
+        assert chc.main(argv) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, errors
+        return errors[0]
+
+    assert "--learning-rate 0.002 -> 0.01" in one_line_error([*args, "--learning-rate", "0.01"])
     for name in os.listdir(tmp_path / "m.backup"):
         if ".data-" in name:
             (tmp_path / "m.backup" / name).write_bytes(b"garbage")
-    assert_one_line_error(run_script(*args), "is damaged")
+    assert "is damaged" in one_line_error(args)
     fresh = run_script(*args, "--fresh", "--epochs", "1")
     assert fresh.returncode == 0 and "--fresh: ignoring the backup" in fresh.stdout, fresh.stderr[-3000:]
 
