@@ -149,7 +149,7 @@ def build_arg_parser():
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Train a hybrid CNN + Vision Transformer on CIFAR-100, evaluate it on the test set "
-                    "and save it as a .keras file.",
+                    "and save it as a .keras file (the default command; it may also be named: train).",
         epilog=f"Using a saved model: {PROG} predict IMAGE... | {PROG} evaluate (each with --help).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
@@ -1391,13 +1391,14 @@ def build_command_parser(command):
     if command == "predict":
         parser.add_argument("images", nargs="+", metavar="IMAGE",
                             help="PNG, JPEG, BMP or GIF files of any size and colour mode")
-    parser.add_argument("--model", default=Config.output, help="the saved .keras model")
+    parser.add_argument("--model", default=Config.output, metavar="PATH", help="the saved .keras model")
     if command == "predict":
-        parser.add_argument("--top", type=_positive_int, default=5, help="classes to print per image")
+        parser.add_argument("--top", type=_positive_int, default=5, metavar="K", help="classes to print per image")
         parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     else:
-        parser.add_argument("--data", default=None, help=Config.__dataclass_fields__["data"].metadata["help"])
-        parser.add_argument("--batch-size", type=_positive_int, default=256, help="images per prediction batch")
+        parser.add_argument("--data", metavar="PATH", help=Config.__dataclass_fields__["data"].metadata["help"])
+        parser.add_argument("--batch-size", type=_positive_int, default=256, metavar="N",
+                            help="images per prediction batch")
         parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
                             help="average the predictions for each image and its mirror image")
     return parser
@@ -1421,10 +1422,11 @@ def predict_images(args):
                                  for i in np.argsort(-probs, kind="stable")[:args.top]]
     if args.json:
         print(json.dumps(results, indent=2))
-    for result in read if not args.json else []:
-        print(result["file"])
-        for p in result["predictions"]:
-            print(f"  {100 * p['probability']:6.2f}%  {p['class']}")
+    else:
+        for result in read:
+            print(result["file"])
+            for p in result["predictions"]:
+                print(f"  {100 * p['probability']:6.2f}%  {p['class']}")
     return 2 if len(read) < len(results) else 0
 
 
