@@ -189,3 +189,14 @@ def test_replan_shrinks_remaining_epochs_when_behind(cifar_folder):
     trainer._replan(remaining_epochs=2, train_seconds=1.0, val_seconds=0.1)
     assert trainer.steps_per_epoch == 1
     assert trainer.total_steps == 2 and float(trainer.schedule.total_steps.numpy()) == 2.0
+
+
+def test_plots_where_matplotlib_is_installed(tmp_path):
+    pytest.importorskip("matplotlib")
+    history = [{"epoch": e, "learning_rate": 1e-3 / e, "train_loss": 4.0 / e, "train_accuracy": 0.1 * e,
+                "val_loss": 4.2 / e, "val_accuracy": 0.09 * e} for e in (1, 2, 3)]
+    confusion = np.random.default_rng(0).integers(0, 5, size=(100, 100))
+    chc.save_plots(history, confusion, FINE_NAMES, str(tmp_path / "run"))
+    for name in ("run.curves.png", "run.confusion.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.confusion.png", "run.curves.png"]
