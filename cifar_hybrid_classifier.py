@@ -1077,7 +1077,7 @@ def evaluate(probs, labels, class_names, fine_to_coarse=None, coarse_labels=None
     report = {"labels": classes, "target_names": list(class_names), "zero_division": 0}
     confusion = confusion_matrix(labels, predictions, labels=classes)
     mistakes = confusion - np.diag(np.diag(confusion))
-    worst = np.argsort(mistakes, axis=None, kind="stable")[::-1][:10]
+    worst = np.argsort(-mistakes, axis=None, kind="stable")[:10]  # ties: in class order
     results = {"top1": float(np.mean(predictions == labels)),
                "top5": float(np.mean((top5 == labels[:, None]).any(-1))),
                "report": classification_report(labels, predictions, digits=3, **report),
