@@ -28,11 +28,12 @@ def run_script(*args, **kwargs):
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory, cifar_folder):
     """A tiny model trained on the synthetic data and saved the way the command line saves it."""
-    config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS, "--epochs", "3", "--learning-rate", "0.01"])
+    path = str(tmp_path_factory.mktemp("model") / "m.keras")  # its backup folder goes beside it too
+    config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS, "--epochs", "3", "--learning-rate", "0.01",
+                               "--output", path])
     chc.set_seeds(config.seed)
     trainer = chc.Trainer(config, chc.load_cifar100(cifar_folder), log=lambda *_: None)
     trainer.fit()
-    path = str(tmp_path_factory.mktemp("model") / "m.keras")
     chc.save_model_atomically(trainer.export_model(), path)
     return path
 
