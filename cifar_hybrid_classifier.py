@@ -1100,10 +1100,6 @@ def format_report(results, title):
     return "\n".join(lines + ["", "test " + summary])
 
 
-HISTORY_FIELDS = ["epoch", "seconds", "elapsed", "learning_rate", "train_loss", "train_accuracy", "val_loss",
-                  "val_accuracy"]
-
-
 def evaluate_on_test_set(trainer, model, data, started):
     """The final report of a training run, on the exported model (the one that is saved)."""
     config = trainer.config
@@ -1139,6 +1135,10 @@ def describe_environment():
     return {"versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
                          "keras": keras.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__},
             "hardware": {"cpu": cpu, "logical_cpus": os.cpu_count(), "gpus": gpus, "platform": platform.platform()}}
+
+
+HISTORY_FIELDS = ["epoch", "seconds", "elapsed", "learning_rate", "train_loss", "train_accuracy", "val_loss",
+                  "val_accuracy"]
 
 
 def write_run_reports(trainer, results, stem, started):
