@@ -89,8 +89,8 @@ class Config:
     # Data and output
     data: str | None = _option(None, "CIFAR-100 python archive (cifar-100-python.tar.gz) or its extracted "
                                "folder; without it Keras downloads and caches the data set", str)
-    output: str = _option("cifar_hybrid.keras", "where to save the trained model (.keras); the history "
-                          "CSV is written beside it", str)
+    output: str = _option("cifar_hybrid.keras", "where to save the trained model (.keras); the run's history, "
+                          "metrics and report files are written beside it", str)
     checkpoint_dir: str | None = _option(None, "folder for the training-state backup that an interrupted run "
                                          "resumes from (default: the --output name with .backup instead of "
                                          ".keras); removed after a successful run", str)
