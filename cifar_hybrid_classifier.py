@@ -971,6 +971,10 @@ class Trainer:
     def learning_rate(self):
         return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
 
+    def global_step(self):
+        """Optimizer steps taken so far (Keras before 3.5 has no `int()` of a variable)."""
+        return int(self.optimizer.iterations.numpy())
+
     def predict(self, pipeline):
         """Class probabilities of the model in training for every image of an evaluation pipeline, in order."""
         return np.concatenate([self._predict_step(x).numpy() for x, _ in pipeline.eval_dataset()])
@@ -1050,7 +1054,7 @@ class Trainer:
         steps = max(1, min(self.train_pipeline.steps_per_epoch(), steps))
         if steps != self.steps_per_epoch:
             self.steps_per_epoch = steps
-            self.total_steps = int(self.optimizer.iterations) + remaining_epochs * steps
+            self.total_steps = self.global_step() + remaining_epochs * steps
             self.schedule.total_steps.assign(self.total_steps)
             self.log(f"re-planned to the measured pace ({step_seconds:.3f}s per step): "
                      f"{remaining_epochs} more epoch(s) of {steps} steps")

@@ -83,6 +83,16 @@ def assert_one_line_error(result, text):
     assert len(errors) == 1 and text in errors[0], result.stderr
 
 
+def main_error(argv, capsys):
+    """In-process `main(argv)` (no interpreter to start): it must return 2 and print exactly one `error:`
+    line, which is returned. An exception that would have been a traceback fails the test instead."""
+    import cifar_hybrid_classifier as chc
+    assert chc.main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
 TINY_ARGS = ["--epochs", "1", "--batch-size", "32", "--validation-split", "0.25", "--precision", "float32",
              "--cnn-widths", "8,16", "--embed-dim", "16", "--depth", "1", "--num-heads", "2",
              "--head-units", "32", "--patch-size", "8"]

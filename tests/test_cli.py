@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import cifar_hybrid_classifier as chc
-from conftest import ROOT, TINY_ARGS, assert_one_line_error
+from conftest import ROOT, TINY_ARGS, assert_one_line_error, main_error
 
 SCRIPT = os.path.join(ROOT, "cifar_hybrid_classifier.py")
 
@@ -52,9 +52,7 @@ def test_corrupt_data_and_a_missing_output_folder_are_one_line_errors(tmp_path, 
                            "not a readable CIFAR-100 .tar.gz archive"),
                           (["--data", cifar_tarball, "--output", str(tmp_path / "missing" / "m.keras")],
                            "does not exist")):
-        assert chc.main(argv) == 2
-        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and message in errors[0]
+        assert message in main_error(argv, capsys)
     assert not (tmp_path / "m.keras").exists()
 
 

@@ -1,4 +1,8 @@
-"""Fault injection in real processes: kill -9, signals, interrupted saves, NaN losses, hostile input."""
+"""Fault injection: kill -9, signals, interrupted saves and NaN losses in real processes; hostile input.
+
+Runs that only need to finish (references, reruns) and the input checks call `main` in-process: starting
+an interpreter with TensorFlow costs seconds, and the code path is the same.
+"""
 
 import csv
 import errno
@@ -18,8 +22,7 @@ import time
 import pytest
 
 import cifar_hybrid_classifier as chc
-from conftest import (ROOT, TINY_ARGS, RunsCommand, assert_one_line_error, make_split, write_folder,
-                      write_tarball)
+from conftest import ROOT, TINY_ARGS, RunsCommand, main_error, make_split, write_folder, write_tarball
 
 SCRIPT = os.path.join(ROOT, "cifar_hybrid_classifier.py")
 FOUR_EPOCHS = [*TINY_ARGS, "--epochs", "4"]  # argparse keeps the last --epochs
@@ -35,6 +38,14 @@ def slow_folder(tmp_path_factory):
 def run_script(*args, cwd=None, code=None):
     command = [sys.executable, "-c", code, *args] if code else [sys.executable, SCRIPT, *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=cwd, env=ENV)
+
+
+def run_main(argv, capsys):
+    """`main(argv)` in this process; it must succeed. Returns what it printed."""
+    code = chc.main(argv)
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    return out
 
 
 class Child:
@@ -83,10 +94,9 @@ def resume_line(stdout):
     return match
 
 
-def test_kill_9_after_epoch_2_resumes_at_epoch_3_on_the_same_schedule(tmp_path, slow_folder):
+def test_kill_9_after_epoch_2_resumes_at_epoch_3_on_the_same_schedule(tmp_path, slow_folder, capsys):
     args = ["--data", slow_folder, *FOUR_EPOCHS]
-    reference = run_script(*args, "--output", str(tmp_path / "reference.keras"))
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    run_main([*args, "--output", str(tmp_path / "reference.keras")], capsys)
     uninterrupted = read_history(tmp_path / "reference.history.csv")
 
     output = tmp_path / "cifar_hybrid.keras"
@@ -113,7 +123,7 @@ def test_kill_9_after_epoch_2_resumes_at_epoch_3_on_the_same_schedule(tmp_path, 
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_mid_epoch_backs_up_and_the_rerun_resumes(tmp_path, slow_folder, signum, code):
+def test_signal_mid_epoch_backs_up_and_the_rerun_resumes(tmp_path, slow_folder, signum, code, capsys):
     args = ["--data", slow_folder, *FOUR_EPOCHS, "--output", str(tmp_path / "m.keras")]
     child = Child(args, tmp_path / "stopped.err")
     try:
@@ -129,10 +139,7 @@ def test_signal_mid_epoch_backs_up_and_the_rerun_resumes(tmp_path, slow_folder, 
     if signum == signal.SIGTERM:
         return  # the rerun is the same for both signals
 
-    resumed = run_script(*args)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    match = resume_line(resumed.stdout)
-    assert match[1] == "2"
+    assert resume_line(run_main(args, capsys))[1] == "2"
     assert [h["epoch"] for h in read_history(tmp_path / "m.history.csv")] == ["1", "2", "3", "4"]
 
 
@@ -145,7 +152,7 @@ def test_stop_mid_epoch_resumes_at_the_next_batch(tmp_path, slow_folder):
 
     def stop_at_step_45(images, labels):
         result = step(images, labels)
-        if int(trainer.optimizer.iterations) == 45:
+        if trainer.global_step() == 45:
             trainer.request_stop(signal.SIGINT)
         return result
 
@@ -156,11 +163,11 @@ def test_stop_mid_epoch_resumes_at_the_next_batch(tmp_path, slow_folder):
 
     resumed = chc.Trainer(config, data, log=lambda *_: None)
     assert resumed.resume()
-    assert (resumed.start_epoch, resumed.start_step, int(resumed.optimizer.iterations)) == (1, 8, 45)
+    assert (resumed.start_epoch, resumed.start_step, resumed.global_step()) == (1, 8, 45)
     assert resumed.learning_rate() == pytest.approx(float(resumed.schedule(45)))
     resumed.fit()
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
-    assert int(resumed.optimizer.iterations) == 4 * 37
+    assert resumed.global_step() == 4 * 37
 
 
 DIES_WHILE_SAVING = textwrap.dedent("""
@@ -200,7 +207,7 @@ NAN_AT_STEP_50 = textwrap.dedent("""
 """)
 
 
-def test_nan_loss_stops_with_exit_3_and_keeps_earlier_files(tmp_path, slow_folder):
+def test_nan_loss_stops_with_exit_3_and_keeps_earlier_files(tmp_path, slow_folder, capsys):
     output = tmp_path / "m.keras"
     output.write_bytes(b"an earlier model")
     args = ["--data", slow_folder, *FOUR_EPOCHS, "--output", str(output)]
@@ -210,9 +217,7 @@ def test_nan_loss_stops_with_exit_3_and_keeps_earlier_files(tmp_path, slow_folde
     assert len(errors) == 1 and "epoch 2, batch 13" in errors[0] and "Traceback" not in result.stderr
     assert output.read_bytes() == b"an earlier model"
     output.unlink()
-    resumed = run_script(*args)  # the epoch-1 backup is intact and resumes
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert resume_line(resumed.stdout)[1] == "2"
+    assert resume_line(run_main(args, capsys))[1] == "2"  # the epoch-1 backup is intact and resumes
 
 
 # ---- hostile input: exit 2, one line, no traceback, before any training ----
@@ -270,44 +275,38 @@ HOSTILE_DATA = {
 
 
 @pytest.mark.parametrize("case", list(HOSTILE_DATA))
-def test_hostile_data_is_one_line_exit_2(tmp_path, case):
+def test_hostile_data_is_one_line_exit_2(tmp_path, case, capsys):
     make, message = HOSTILE_DATA[case]
-    result = run_script("--data", make(tmp_path), "--output", str(tmp_path / "m.keras"), *TINY_ARGS)
-    assert_one_line_error(result, message)
+    assert message in main_error(["--data", make(tmp_path), "--output", str(tmp_path / "m.keras"), *TINY_ARGS],
+                                 capsys)
     assert not (tmp_path / "m.keras").exists()
 
 
-def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path, capsys):
     marker = tmp_path / "pwned"
     folder = corrupt_folder(tmp_path, train=pickle.dumps(_split_with(batch_label=RunsCommand(marker)), protocol=2))
-    result = run_script("--data", write_tarball(str(tmp_path / "evil.tar.gz"), folder),
-                        "--output", str(tmp_path / "m.keras"), *TINY_ARGS)
-    assert_one_line_error(result, "refusing to load posix.system")
+    argv = ["--data", write_tarball(str(tmp_path / "evil.tar.gz"), folder), "--output", str(tmp_path / "m.keras"),
+            *TINY_ARGS]
+    assert "refusing to load posix.system" in main_error(argv, capsys)
     assert not marker.exists()
 
 
-# As root, permission bits do not stop reads or writes; these wrappers make the OS refuse instead.
-UNREADABLE_TRAIN = textwrap.dedent("""
-    import builtins, errno, sys
-    real_open = builtins.open
-    def refusing_open(path, *args, **kwargs):
-        if str(path).endswith("/train"):
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real_open(path, *args, **kwargs)
-    builtins.open = refusing_open
-    import cifar_hybrid_classifier as chc
-    sys.exit(chc.main(sys.argv[1:]))
-""")
-
-
-def test_unreadable_data_folder(tmp_path):
+def test_unreadable_data_folder(tmp_path, monkeypatch, capsys):
     folder = corrupt_folder(tmp_path)
     train = os.path.join(folder, "train")
     os.chmod(train, 0)
+    real_open = open
+
+    def refusing_open(path, *args, **kwargs):  # as root, permission bits do not stop reads: the OS refuses here
+        if str(path) == train:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
     try:
-        code = UNREADABLE_TRAIN if os.access(train, os.R_OK) else None
-        result = run_script("--data", folder, "--output", str(tmp_path / "m.keras"), *TINY_ARGS, code=code)
-        assert_one_line_error(result, "cannot read (Permission denied)")
+        if os.access(train, os.R_OK):
+            monkeypatch.setattr("builtins.open", refusing_open)
+        argv = ["--data", folder, "--output", str(tmp_path / "m.keras"), *TINY_ARGS]
+        assert "cannot read (Permission denied)" in main_error(argv, capsys)
     finally:
         os.chmod(train, 0o600)
 
@@ -333,9 +332,7 @@ def test_paths_and_options(tmp_path, cifar_folder, monkeypatch, capsys):
         with monkeypatch.context() as m:
             if patch:
                 m.setattr(*patch)
-            assert chc.main(["--data", cifar_folder, *TINY_ARGS, *extra]) == 2
-        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and message in errors[0]
+            assert message in main_error(["--data", cifar_folder, *TINY_ARGS, *extra], capsys)
     for extra, message in ((["--embed-dim", "30", "--num-heads", "4"], "must divide"),
                            (["--output", out, "--checkpoint-dir", out], "must differ")):
         with pytest.raises(SystemExit) as exit_info:
@@ -352,19 +349,13 @@ def test_backup_from_other_options_or_damaged_is_refused(tmp_path, slow_folder, 
     finally:
         child.close()
 
-    def one_line_error(argv):  # in-process `main`: the checks run before any training step
-        assert chc.main(argv) == 2
-        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1, errors
-        return errors[0]
-
-    assert "--learning-rate 0.002 -> 0.01" in one_line_error([*args, "--learning-rate", "0.01"])
+    # In-process `main`: the checks run before any training step.
+    assert "--learning-rate 0.002 -> 0.01" in main_error([*args, "--learning-rate", "0.01"], capsys)
     for name in os.listdir(tmp_path / "m.backup"):
         if ".data-" in name:
             (tmp_path / "m.backup" / name).write_bytes(b"garbage")
-    assert "is damaged" in one_line_error(args)
-    fresh = run_script(*args, "--fresh", "--epochs", "1")
-    assert fresh.returncode == 0 and "--fresh: ignoring the backup" in fresh.stdout, fresh.stderr[-3000:]
+    assert "is damaged" in main_error(args, capsys)
+    assert "--fresh: ignoring the backup" in run_main([*args, "--fresh", "--epochs", "1"], capsys)
 
 
 def test_damaged_model_files_are_clear_errors(tmp_path):
