@@ -673,27 +673,53 @@ def _cpu_has_native_bf16():
 class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warm-up to `peak`, then cosine decay to zero at `total_steps`.
 
-    Like Keras's `CosineDecay` with warm-up, except that the horizon is a variable: a
-    time-budgeted run that falls behind or gets ahead re-plans its remaining steps and
-    still ends exactly at zero.
+    Like Keras's `CosineDecay` with warm-up, except that the horizon can move: a time-budgeted
+    run that falls behind or gets ahead calls `retarget`, which keeps the rate it has reached
+    and spreads the rest of the decay over the new horizon. So the rate still ends exactly at
+    zero, and it never rises after the warm-up however often the plan changes.
     """
 
-    def __init__(self, peak, total_steps, warmup_fraction):
+    def __init__(self, peak, total_steps, warmup_fraction, warmup_steps=None, anchor_step=None,
+                 anchor_progress=0.0):
         self.peak = float(peak)
         self.warmup_fraction = float(warmup_fraction)
+        warmup_steps = float(total_steps) * self.warmup_fraction if warmup_steps is None else float(warmup_steps)
         self.total_steps = tf.Variable(float(total_steps), trainable=False, name="total_steps")
+        self.warmup_steps = tf.Variable(warmup_steps, trainable=False, name="warmup_steps")
+        # The decay runs from progress `anchor_progress` at step `anchor_step` to 1 at `total_steps`.
+        self.anchor_step = tf.Variable(warmup_steps if anchor_step is None else float(anchor_step),
+                                       trainable=False, name="anchor_step")
+        self.anchor_progress = tf.Variable(float(anchor_progress), trainable=False, name="anchor_progress")
+
+    def _progress(self, step):
+        anchor, total = ops.cast(self.anchor_step, "float32"), ops.cast(self.total_steps, "float32")
+        share = ops.clip((step - anchor) / ops.maximum(total - anchor, 1.0), 0.0, 1.0)
+        return self.anchor_progress + (1.0 - self.anchor_progress) * share
 
     def __call__(self, step):
         step = ops.cast(step, "float32")
-        total = ops.maximum(ops.cast(self.total_steps, "float32"), 1.0)
-        warmup = total * self.warmup_fraction
-        progress = ops.clip((step - warmup) / ops.maximum(total - warmup, 1.0), 0.0, 1.0)
-        decayed = 0.5 * self.peak * (1.0 + ops.cos(np.pi * progress))
+        warmup = ops.cast(self.warmup_steps, "float32")
+        decayed = 0.5 * self.peak * (1.0 + ops.cos(np.pi * self._progress(step)))
         return ops.where(step < warmup, self.peak * step / ops.maximum(warmup, 1.0), decayed)
+
+    def retarget(self, step, total_steps):
+        """From `step` on, end the decay at `total_steps` instead, continuing from the current rate."""
+        warmup = float(self.warmup_steps.numpy())
+        if step < warmup:  # still warming up: the ramp still reaches the peak, sooner if the run shrank
+            warmup = min(warmup, max(float(step), self.warmup_fraction * total_steps))
+            self.warmup_steps.assign(warmup)
+            self.anchor_step.assign(warmup)
+            self.anchor_progress.assign(0.0)
+        else:
+            self.anchor_progress.assign(float(self._progress(float(step))))
+            self.anchor_step.assign(float(step))
+        self.total_steps.assign(float(total_steps))
 
     def get_config(self):
         return {"peak": self.peak, "total_steps": float(self.total_steps.numpy()),
-                "warmup_fraction": self.warmup_fraction}
+                "warmup_fraction": self.warmup_fraction, "warmup_steps": float(self.warmup_steps.numpy()),
+                "anchor_step": float(self.anchor_step.numpy()),
+                "anchor_progress": float(self.anchor_progress.numpy())}
 
 
 class TrainingInterrupted(Exception):
@@ -774,6 +800,7 @@ class Trainer:
                              f"{self.global_batch}; lower --batch-size")
         self.epochs = config.epochs
         self.deadline = None  # set by plan_time_budget
+        self.epoch_paces, self.epoch_steps = [], []  # seconds per step and steps of each epoch, for re-plans
         with self.strategy.scope():
             self.model = build_model(config, self.precision, self.replicas > 1, data.fine_names)
         self.loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing,
@@ -808,6 +835,8 @@ class Trainer:
         # model.variables (not .weights) also holds the dropout seed state.
         checkpoint = tf.train.Checkpoint(model=list(self.model.variables), optimizer=list(self.optimizer.variables),
                                          best_weights=self.best_weights, horizon=self.schedule.total_steps,
+                                         warmup=self.schedule.warmup_steps, anchor_step=self.schedule.anchor_step,
+                                         anchor_progress=self.schedule.anchor_progress,
                                          **self.state)
         # Every worker must save (saving may need collectives); only the chief's copy is kept.
         folder = self.config.checkpoint_dir if self.is_chief else \
@@ -1047,15 +1076,24 @@ class Trainer:
             self.tensorboard.flush()
 
     def _replan(self, remaining_epochs, train_seconds, val_seconds):
-        """Fit the remaining epochs to the pace just measured; the schedule's horizon follows."""
-        step_seconds = train_seconds / self.steps_per_epoch
+        """Fit the remaining epochs to the pace measured so far; the schedule's horizon follows.
+
+        The pace is that of every step of this run, not the last epoch's alone: a shared machine's
+        speed jumps from one epoch to the next, and following each jump would resize the epochs back
+        and forth. Only the last epoch plans with the slowest recent pace, so the run ends in time.
+        """
+        self.epoch_paces.append(train_seconds / self.steps_per_epoch)
+        self.epoch_steps.append(self.steps_per_epoch)
+        step_seconds = float(np.dot(self.epoch_paces, self.epoch_steps) / np.sum(self.epoch_steps))
+        if remaining_epochs == 1:
+            step_seconds = max(step_seconds, *self.epoch_paces[-3:])
         left = self.deadline - time.time() - self.reserve_seconds
         steps = int((left / remaining_epochs - val_seconds) / step_seconds)
         steps = max(1, min(self.train_pipeline.steps_per_epoch(), steps))
         if steps != self.steps_per_epoch:
             self.steps_per_epoch = steps
             self.total_steps = self.global_step() + remaining_epochs * steps
-            self.schedule.total_steps.assign(self.total_steps)
+            self.schedule.retarget(self.global_step(), self.total_steps)
             self.log(f"re-planned to the measured pace ({step_seconds:.3f}s per step): "
                      f"{remaining_epochs} more epoch(s) of {steps} steps")
 

@@ -177,9 +177,49 @@ def test_warmup_cosine_schedule_and_moving_horizon():
     lr = lambda step: float(schedule(step))  # noqa: E731
     assert lr(0) == 0.0 and abs(lr(5) - 5e-4) < 1e-9 and abs(lr(10) - 1e-3) < 1e-9
     assert abs(lr(55) - 5e-4) < 1e-8 and lr(100) < 1e-12 and lr(150) < 1e-12
-    schedule.total_steps.assign(60.0)  # a re-plan shortens the run: it still ends at zero
-    assert lr(60) < 1e-12 and lr(30) < 1e-3
+    at_30 = lr(30)
+    schedule.retarget(30, 60)  # a re-plan shortens the run: the decay goes on from the rate reached
+    assert lr(30) == pytest.approx(at_30, rel=1e-5) and lr(60) < 1e-12
+    assert np.all(np.diff([lr(step) for step in range(30, 61)]) <= 0)
+    schedule.retarget(40, 200)  # and lengthens it: the rate falls more slowly, but does not rise
+    assert np.all(np.diff([lr(step) for step in range(30, 201)]) <= 0) and lr(200) < 1e-12
     assert chc.WarmupCosine(**schedule.get_config()).get_config() == schedule.get_config()
+    early = chc.WarmupCosine(peak=1e-3, total_steps=100, warmup_fraction=0.1)
+    early.retarget(4, 40)  # during the warm-up: the ramp reaches the peak sooner, then decays to zero
+    assert float(early(4)) == pytest.approx(1e-3, rel=1e-5) and float(early(40)) < 1e-12
+
+
+def test_replan_on_a_jumpy_pace_keeps_the_rate_falling_and_ends_in_time(cifar_folder, monkeypatch):
+    """The host's pace alternates between 1x and 2x from one epoch to the next (as seen on a shared
+    machine). Simulated epochs drive the planner: the learning rate must never rise after the warm-up,
+    decay to zero at the last step, and the run must end within its budget."""
+    config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS])
+    trainer = chc.Trainer(config, chc.load_cifar100(cifar_folder), log=lambda *_: None)
+    monkeypatch.setattr(trainer.train_pipeline, "steps_per_epoch", lambda: 400)  # room to re-plan either way
+    epochs, pace, val_seconds, clock = 12, 0.1, 2.0, [1000.0]
+    trainer.epochs, trainer.steps_per_epoch = epochs, 200
+    trainer._prepare_training()
+    budget = epochs * (200 * pace + val_seconds) / 0.95  # what plan_time_budget would have been given
+    trainer.deadline, trainer.reserve_seconds = clock[0] + 0.97 * budget, 0.0
+    rates, steps = [], []
+    with monkeypatch.context() as m:
+        m.setattr(chc.time, "time", lambda: clock[0])
+        for epoch in range(epochs):
+            first, n = trainer.global_step(), trainer.steps_per_epoch
+            rates += list(np.asarray(trainer.schedule(np.arange(first, first + n))))  # this epoch's steps
+            steps.append(n)
+            trainer.optimizer.iterations.assign(first + n)
+            train_seconds = n * pace * (1 if epoch % 2 == 0 else 2)
+            clock[0] += train_seconds + val_seconds
+            if epoch + 1 < epochs:
+                trainer._replan(epochs - epoch - 1, train_seconds, val_seconds)
+    peak = int(np.argmax(rates))
+    assert rates[peak] == pytest.approx(config.learning_rate, rel=1e-3)
+    assert np.all(np.diff(rates[peak:]) <= 1e-9), "the learning rate rose after the warm-up"
+    assert trainer.total_steps == trainer.global_step() == len(rates)
+    assert float(trainer.schedule(trainer.total_steps)) < 1e-9
+    assert clock[0] - 1000.0 <= 0.97 * budget, "the run overran its budget"
+    assert len(set(steps)) > 1 and max(steps[2:]) < 1.5 * min(steps[2:]), steps  # re-planned, without swings
 
 
 def test_replan_shrinks_remaining_epochs_when_behind(cifar_folder):
