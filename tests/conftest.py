@@ -83,11 +83,11 @@ def assert_one_line_error(result, text):
     assert len(errors) == 1 and text in errors[0], result.stderr
 
 
-def main_error(argv, capsys):
-    """In-process `main(argv)` (no interpreter to start): it must return 2 and print exactly one `error:`
-    line, which is returned. An exception that would have been a traceback fails the test instead."""
+def main_error(argv, capsys, code=2):
+    """In-process `main(argv)` (no interpreter to start): it must return `code` and print exactly one
+    `error:` line, which is returned. An exception that would have been a traceback fails the test instead."""
     import cifar_hybrid_classifier as chc
-    assert chc.main(argv) == 2
+    assert chc.main(argv) == code
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, errors
     return errors[0]
