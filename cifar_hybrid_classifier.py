@@ -65,8 +65,7 @@ _positive_float = _checked(float, lambda v: 0 < v < math.inf, "a number > 0")
 _non_negative_float = _checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 _open_fraction = _checked(float, lambda v: 0 < v < 1, "strictly between 0 and 1")
 _rate = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
-_patch_size = _checked(int, lambda v: v >= 1 and IMAGE_SHAPE[0] % v == 0, f"a divisor of {IMAGE_SHAPE[0]} "
-                       "(1, 2, 4, 8, 16, 32)")
+_non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 
 
 def _widths(text):
@@ -77,6 +76,20 @@ def _widths(text):
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 1, e.g. 64,128,256; got {text}")
     return values
+
+
+# The size family: each size also scales the ViT heads and the fusion head (README, "Model sizes").
+MODEL_SIZES = {
+    "small": {"stem_width": 24, "cnn_widths": (48, 96), "embed_dim": 96, "depth": 2, "num_heads": 4,
+              "head_units": 192},
+    "base": {"stem_width": 32, "cnn_widths": (64, 128), "embed_dim": 128, "depth": 2, "num_heads": 4,
+             "head_units": 256},
+    "large": {"stem_width": 48, "cnn_widths": (96, 192), "embed_dim": 192, "depth": 3, "num_heads": 6,
+              "head_units": 384},
+}
+# With --time-budget: the base size trained 12 epochs is the one-hour recipe of the slow machines,
+# and five times the epochs bought that size only five points, so more time buys a larger size first.
+MIN_EPOCHS_PER_SIZE = 12
 
 
 def _option(default, help, type=None, **kwargs):
@@ -126,14 +139,23 @@ class Config:
     color_jitter: bool = _option(False, "random brightness and contrast jitter")
     tta: bool = _option(True, "flip test-time augmentation in the final evaluation: average the predictions "
                         "for each image and its mirror image")
-    # Architecture
-    cnn_widths: tuple = _option((32, 64, 128), "channels of the CNN stages; each stage halves the resolution",
-                                _widths)
-    patch_size: int = _option(4, "ViT patch size in pixels; must divide 32", _patch_size)
+    # Architecture (a named size sets the options below that the command line leaves open)
+    model_size: str = _option("auto", "small, base or large (README, \"Model sizes\"); auto: base, or with "
+                              "--time-budget the largest size this machine trains for at least "
+                              f"{MIN_EPOCHS_PER_SIZE} epochs in the budget", str, choices=("auto", "small", "base", "large"))
+    stem_width: int = _option(32, "channels of the convolutional stem both branches read (full-resolution "
+                              "conv, then a conv stage down to 16x16); 0: no shared stem, the ViT embeds raw "
+                              "pixel patches", _non_negative_int)
+    cnn_widths: tuple = _option((64, 128), "channels of the CNN branch's stages after the stem; each stage "
+                                "halves the resolution", _widths)
+    patch_size: int = _option(2, "ViT patch size in pixels of its input, the stem's 16x16 feature map (the "
+                              "32x32 image with --stem-width 0); must divide that side", _positive_int)
     embed_dim: int = _option(128, "ViT token width", _positive_int)
     depth: int = _option(2, "number of transformer encoder blocks", _positive_int)
     num_heads: int = _option(4, "attention heads; must divide --embed-dim", _positive_int)
     mlp_ratio: float = _option(2.0, "transformer MLP width as a multiple of --embed-dim", _positive_float)
+    branches: str = _option("both", "which branches feed the fusion head (cnn or vit alone: for ablations)",
+                            str, choices=("both", "cnn", "vit"))
     head_units: int = _option(256, "width of the fusion head's hidden layer", _positive_int)
     dropout: float = _option(0.0, "dropout inside the transformer (off by default: on a CPU it costs about "
                              "a quarter of the step time)", _rate)
@@ -159,7 +181,11 @@ def build_arg_parser():
         if f.type in ("bool", bool):
             kwargs["action"] = argparse.BooleanOptionalAction
             meta.pop("type")
-        if isinstance(f.default, tuple):
+        if f.name in MODEL_SIZES["base"]:  # left out unless given, so the model size can fill it in
+            kwargs["help"] += " (default: from --model-size; base: " + \
+                (",".join(map(str, f.default)) if isinstance(f.default, tuple) else str(f.default)) + ")"
+            kwargs["default"] = argparse.SUPPRESS
+        elif isinstance(f.default, tuple):
             kwargs["help"] += f" (default: {','.join(map(str, f.default))})"
             kwargs["default"] = argparse.SUPPRESS
         kwargs.update({k: v for k, v in meta.items() if v is not None})
@@ -172,14 +198,42 @@ def parse_config(argv=None):
     parser = build_arg_parser()
     args = vars(parser.parse_args(argv))
     config = Config(**args)
-    if config.embed_dim % config.num_heads:
-        parser.error(f"--num-heads {config.num_heads} must divide --embed-dim {config.embed_dim}")
+    config.explicit = {name for name in args if name in MODEL_SIZES["base"]}
+    sizes = [config.model_size] if config.model_size != "auto" else list(MODEL_SIZES) if config.time_budget \
+        else ["base"]  # with --time-budget, run() times the sizes and picks one
+    errors = {size: architecture_error(apply_model_size(dataclasses.replace(config), size, config.explicit))
+              for size in sizes}
+    config.sizes = [size for size in sizes if errors[size] is None]
+    if not config.sizes:
+        parser.error(errors[sizes[0]])
+    if len(config.sizes) == 1:
+        apply_model_size(config, config.sizes[0])
     if config.crop_padding < 0 or config.crop_padding > IMAGE_SHAPE[0]:
         parser.error(f"--crop-padding must be between 0 and {IMAGE_SHAPE[0]}, got {config.crop_padding}")
     if config.checkpoint_dir is None:
         config.checkpoint_dir = os.path.splitext(config.output)[0] + ".backup"
     if os.path.abspath(config.checkpoint_dir) == os.path.abspath(config.output):
         parser.error("--checkpoint-dir must differ from --output")
+    return config
+
+
+def architecture_error(config):
+    """What is wrong with the architecture options, or None."""
+    if config.embed_dim % config.num_heads:
+        return f"--num-heads {config.num_heads} must divide --embed-dim {config.embed_dim}"
+    side = IMAGE_SHAPE[0] // 2 if config.stem_width else IMAGE_SHAPE[0]  # what the ViT branch reads
+    if side % config.patch_size:
+        return f"--patch-size {config.patch_size} must divide {side}, the side of the ViT branch's input"
+    return None
+
+
+def apply_model_size(config, size, explicit=None):
+    """Set the architecture options the command line left open from the named size."""
+    explicit = getattr(config, "explicit", set()) if explicit is None else explicit
+    config.model_size, config.explicit = size, explicit
+    for name, value in MODEL_SIZES[size].items():
+        if name not in explicit:
+            setattr(config, name, value)
     return config
 
 
@@ -494,35 +548,65 @@ class TransformerEncoderBlock(layers.Layer):
                 "mlp_ratio": self.mlp_ratio, "dropout": self.dropout}
 
 
+def conv_stage(width, policy, synchronized_bn=False, first=False):
+    """The layers of one CNN stage: conv3x3 -> max-pool -> BN -> ReLU -> conv3x3 -> BN -> ReLU.
+
+    Pooling right after the first conv makes the second one four times cheaper, which matters on a
+    CPU. `first` puts a full-resolution conv3x3 -> BN -> ReLU in front: the image's own stem.
+    """
+    def conv():
+        return layers.Conv2D(width, 3, padding="same", use_bias=False, dtype=policy)
+
+    def bn_relu():  # across several replicas, batch statistics over the global batch (TensorFlow only)
+        return [layers.BatchNormalization(momentum=0.9, synchronized=synchronized_bn, dtype=policy),
+                layers.ReLU(dtype=policy)]
+
+    head = [conv(), *bn_relu()] if first else []
+    return head + [conv(), layers.MaxPooling2D(2, dtype=policy), *bn_relu(), conv(), *bn_relu()]
+
+
+@keras.saving.register_keras_serializable(package="cifar_hybrid")
+class ConvStem(layers.Layer):
+    """The convolutions both branches read: 32x32 image to a 16x16 feature map.
+
+    The ViT branch then embeds patches of learned features instead of raw pixels (the "hybrid"
+    ViT of Dosovitskiy et al. 2020, the convolutional tokenizer of CCT), and the CNN branch
+    continues from the same map, so the two branches pay for these convolutions once.
+    """
+
+    def __init__(self, width=32, synchronized_bn=False, **kwargs):
+        super().__init__(**kwargs)
+        self.width = int(width)
+        self.synchronized_bn = bool(synchronized_bn)
+        self.stack = keras.Sequential(conv_stage(self.width, self.dtype_policy, self.synchronized_bn, first=True),
+                                      name="stem")
+
+    def build(self, input_shape):
+        self.stack.build(input_shape)
+
+    def call(self, images, training=None):
+        return self.stack(images, training=training)
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width, "synchronized_bn": self.synchronized_bn}
+
+
 @keras.saving.register_keras_serializable(package="cifar_hybrid")
 class CNNBranch(layers.Layer):
     """Convolution stages with batch norm; each stage halves the resolution. Output: a pooled vector.
 
-    Stage = conv3x3 -> max-pool -> BN -> ReLU -> conv3x3 -> BN -> ReLU: pooling right after
-    the first conv makes the second conv four times cheaper, which matters on a CPU.
+    `stem=True` (models saved before the shared stem) starts with its own full-resolution conv.
     """
 
-    def __init__(self, widths=(32, 64, 128), synchronized_bn=False, **kwargs):
+    def __init__(self, widths=(32, 64, 128), synchronized_bn=False, stem=True, **kwargs):
         super().__init__(**kwargs)
         self.widths = tuple(int(w) for w in widths)
-        # Across several replicas, batch statistics over the global batch (TensorFlow backend only).
         self.synchronized_bn = bool(synchronized_bn)
-        policy = self.dtype_policy
-
-        def bn():
-            return layers.BatchNormalization(momentum=0.9, synchronized=self.synchronized_bn, dtype=policy)
-
-        def conv_bn_relu(width):
-            return [layers.Conv2D(width, 3, padding="same", use_bias=False, dtype=policy), bn(),
-                    layers.ReLU(dtype=policy)]
-
-        stack = conv_bn_relu(self.widths[0])  # stem at full resolution
-        for width in self.widths:
-            stack += [layers.Conv2D(width, 3, padding="same", use_bias=False, dtype=policy),
-                      layers.MaxPooling2D(2, dtype=policy), bn(),
-                      layers.ReLU(dtype=policy),
-                      *conv_bn_relu(width)]
-        stack.append(layers.GlobalAveragePooling2D(dtype=policy))
+        self.stem = bool(stem)
+        stack = []
+        for i, width in enumerate(self.widths):
+            stack += conv_stage(width, self.dtype_policy, self.synchronized_bn, first=self.stem and i == 0)
+        stack.append(layers.GlobalAveragePooling2D(dtype=self.dtype_policy))
         self.stack = keras.Sequential(stack, name="stages")
 
     def build(self, input_shape):
@@ -532,7 +616,8 @@ class CNNBranch(layers.Layer):
         return self.stack(images, training=training)
 
     def get_config(self):
-        return {**super().get_config(), "widths": self.widths, "synchronized_bn": self.synchronized_bn}
+        return {**super().get_config(), "widths": self.widths, "synchronized_bn": self.synchronized_bn,
+                "stem": self.stem}
 
 
 @keras.saving.register_keras_serializable(package="cifar_hybrid")
@@ -632,11 +717,17 @@ def build_model(config, dtype=None, synchronized_bn=False, class_names=None):
     """
     inputs = keras.Input(IMAGE_SHAPE, dtype="float32", name="image")
     x = ImageStandardization(dtype=dtype, name="standardize")(inputs)
-    cnn = CNNBranch(config.cnn_widths, synchronized_bn, dtype=dtype, name="cnn_branch")(x)
-    vit = ViTBranch(config.patch_size, config.embed_dim, config.depth, config.num_heads, config.mlp_ratio,
-                    config.dropout, dtype=dtype, name="vit_branch")(x)
+    if config.stem_width:
+        x = ConvStem(config.stem_width, synchronized_bn, dtype=dtype, name="stem")(x)
+    features = []
+    if config.branches in ("both", "cnn"):
+        features.append(CNNBranch(config.cnn_widths, synchronized_bn, stem=not config.stem_width, dtype=dtype,
+                                  name="cnn_branch")(x))
+    if config.branches in ("both", "vit"):
+        features.append(ViTBranch(config.patch_size, config.embed_dim, config.depth, config.num_heads,
+                                  config.mlp_ratio, config.dropout, dtype=dtype, name="vit_branch")(x))
     outputs = FusionHead(NUM_CLASSES, config.head_units, config.head_dropout, config.l2, class_names,
-                         dtype=dtype, name="fusion_head")([cnn, vit])
+                         dtype=dtype, name="fusion_head")(features)
     return _with_class_names(keras.Model(inputs, outputs, name="cifar_hybrid"))
 
 
@@ -1359,6 +1450,55 @@ def check_free_space(config, parameters):
                              f"{size / 1e6:.0f} MB; free some space or choose another --output")
 
 
+def choose_model_size(config, seconds, train_images):
+    """--time-budget with --model-size auto: the largest size that trains `MIN_EPOCHS_PER_SIZE` epochs.
+
+    Times a few real training steps of each size, smallest first, on this machine. A resumed run
+    keeps the size its backup was made with instead.
+    """
+    path = None if config.fresh else tf.train.latest_checkpoint(config.checkpoint_dir)
+    try:
+        saved = path and json.loads(tf.train.load_variable(path, "config/.ATTRIBUTES/VARIABLE_VALUE"))["model_size"]
+    except Exception:  # a damaged backup: resuming reports it
+        saved = None
+    if saved in MODEL_SIZES:
+        return apply_model_size(config, saved)
+    chosen, steps = config.sizes[0], train_images // config.batch_size
+    for size in config.sizes:
+        step_seconds = time_training_step(apply_model_size(dataclasses.replace(config), size, config.explicit))
+        # About 10 % of the budget goes to validation, the test pass and compiling.
+        epochs = 0.9 * seconds / (steps * step_seconds)
+        print(f"model size {size}: {step_seconds:.3f}s per step, room for about {epochs:.1f} epochs")
+        if epochs < MIN_EPOCHS_PER_SIZE and size != config.sizes[0]:
+            break
+        chosen = size
+    print(f"--time-budget: model size {chosen}, the largest with room for {MIN_EPOCHS_PER_SIZE} epochs "
+          "(or the smallest)")
+    return apply_model_size(config, chosen)
+
+
+def time_training_step(config, repeats=5):
+    """Median seconds of one AdamW training step of the model `config` describes, on random images."""
+    model = build_model(config, resolve_precision(config.precision))
+    optimizer = keras.optimizers.AdamW(1e-4)
+    images = tf.random.uniform((config.batch_size, *IMAGE_SHAPE), 0, 255)
+    labels = tf.one_hot(tf.random.uniform((config.batch_size,), 0, NUM_CLASSES, tf.int32), NUM_CLASSES)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(keras.losses.categorical_crossentropy(labels, model(images, training=True)))
+        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+        return loss
+
+    times = []
+    for _ in range(repeats + 2):  # the first call traces and the second warms the caches
+        started = time.time()
+        float(step())
+        times.append(time.time() - started)
+    return float(np.median(times[2:]))
+
+
 def print_parameter_summary(model):
     print(f"model {model.name}:")
     for layer in model.layers[1:]:
@@ -1388,6 +1528,10 @@ def run(config):
     data = load_cifar100(config.data)
     print(f"CIFAR-100: {len(data.y_train)} training and {len(data.y_test)} test images "
           f"(loaded in {time.time() - started:.1f}s)")
+    if config.model_size == "auto":
+        budget = config.time_budget * 60 - (time.time() - started)
+        choose_model_size(config, budget, int(len(data.y_train) * (1 - config.validation_split)))
+        set_seeds(config.seed)  # the timing models drew from the generators
     trainer = Trainer(config, data, strategy=strategy, started=started)
     check_free_space(config, trainer.model.count_params())
     print_parameter_summary(trainer.model)

@@ -27,7 +27,8 @@ def test_invalid_values_exit_with_code_2(args, capsys):
 
 def test_config_and_command_line_mirror_each_other():
     defaults = chc.parse_config([])
-    assert defaults == chc.Config(checkpoint_dir="cifar_hybrid.backup")  # derived from --output
+    # --output gives the backup folder; without --time-budget the size "auto" is the base size
+    assert defaults == chc.Config(checkpoint_dir="cifar_hybrid.backup", model_size="base")
     assert chc.parse_config(["--output", "runs/a.keras"]).checkpoint_dir == "runs/a.backup"
     help_text = chc.build_arg_parser().format_help()
     for field in chc.dataclasses.fields(chc.Config):

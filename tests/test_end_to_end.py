@@ -240,3 +240,33 @@ def test_plots_where_matplotlib_is_installed(tmp_path):
     for name in ("run.curves.png", "run.confusion.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.confusion.png", "run.curves.png"]
+
+
+def test_time_budget_picks_the_largest_size_with_room_for_enough_epochs(monkeypatch):
+    paces = {"small": 0.4, "base": 0.67, "large": 1.6}  # seconds per step, as on a slow laptop CPU
+    monkeypatch.setattr(chc, "time_training_step", lambda config: paces[config.model_size])
+    steps = 45000 // 128
+    for minutes, expected in [(1, "small"), (30, "small"), (60, "base"), (120, "base"), (180, "large")]:
+        config = chc.parse_config(["--time-budget", str(minutes), "--fresh"])
+        assert config.model_size == "auto" and config.sizes == ["small", "base", "large"]
+        chc.choose_model_size(config, minutes * 60, 45000)
+        room = {size: 0.9 * minutes * 60 / (steps * pace) for size, pace in paces.items()}
+        assert config.model_size == expected, (minutes, room)
+        assert config.embed_dim == chc.MODEL_SIZES[expected]["embed_dim"]
+    # Options given on the command line win over the size's, and sizes they rule out are skipped.
+    config = chc.parse_config(["--time-budget", "180", "--fresh", "--embed-dim", "64"])
+    assert config.sizes == ["small", "base"]  # 6 heads do not divide 64
+    chc.choose_model_size(config, 180 * 60, 45000)
+    assert (config.model_size, config.embed_dim, config.depth) == ("base", 64, 2)
+
+
+def test_a_named_size_sets_only_the_architecture_options_left_open():
+    config = chc.parse_config(["--model-size", "large", "--depth", "1"])
+    assert (config.model_size, config.depth, config.stem_width) == ("large", 1, 48)
+    assert chc.parse_config([]).model_size == "base"  # no budget: the default recipe
+    assert chc.Config().stem_width == chc.MODEL_SIZES["base"]["stem_width"]
+
+
+def test_time_training_step_measures_a_real_step():
+    config = chc.parse_config(["--model-size", "small", *TINY_ARGS[2:]])
+    assert 0 < chc.time_training_step(config, repeats=2) < 30

@@ -67,6 +67,23 @@ def test_transformer_block_shape_and_residual():
 def test_cnn_branch_output_is_a_vector():
     out = round_trip(chc.CNNBranch((8, 16, 24)), IMAGES)
     assert tuple(out.shape) == (3, 24)
+    assert len(chc.CNNBranch((8, 16), stem=False).stack.layers) == len(chc.CNNBranch((8, 16)).stack.layers) - 3
+
+
+def test_conv_stem_halves_the_image_and_both_branches_read_it():
+    stem = chc.ConvStem(8)
+    features = round_trip(stem, IMAGES)
+    assert tuple(features.shape) == (3, 16, 16, 8)
+    assert tuple(round_trip(chc.CNNBranch((16, 24), stem=False), features).shape) == (3, 24)
+    assert tuple(round_trip(chc.ViTBranch(patch_size=2, embed_dim=16, depth=1, num_heads=2), features).shape) \
+        == (3, 16)
+    model = chc.build_model(chc.parse_config(TINY_ARGS))
+    assert [type(layer).__name__ for layer in model.layers[1:]] == \
+        ["ImageStandardization", "ConvStem", "CNNBranch", "ViTBranch", "FusionHead"]
+    for branches, kept in [("cnn", "CNNBranch"), ("vit", "ViTBranch")]:
+        alone = chc.build_model(chc.parse_config(TINY_ARGS + ["--branches", branches]))
+        names = [type(layer).__name__ for layer in alone.layers]
+        assert kept in names and len(names) == 5, names
 
 
 def test_vit_branch_sequence_is_patches_plus_cls():

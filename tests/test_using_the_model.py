@@ -200,6 +200,17 @@ def test_class_names_travel_inside_the_saved_model(model_path):
         chc.FusionHead(class_names=["a", "b", "c"])
 
 
+def test_a_model_saved_by_the_previous_version_loads_and_predicts_as_it_did():
+    """The file was saved before the shared stem existed (ViT on raw pixel patches, CNN with its own stem)."""
+    folder = os.path.join(ROOT, "tests", "data")
+    model = chc.load_model(os.path.join(folder, "previous_version.keras"))
+    assert not any(isinstance(layer, chc.ConvStem) for layer in model.layers)
+    assert model.class_names[:2] == ["class_0", "class_1"]
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("uint8")
+    expected = np.load(os.path.join(folder, "previous_version_probs.npy"))
+    np.testing.assert_allclose(model.predict(images, verbose=0), expected, atol=1e-5)
+
+
 BACKEND_PREDICT = textwrap.dedent("""
     import sys
     import numpy as np
