@@ -80,11 +80,11 @@ def _widths(text):
 
 # The size family: each size also scales the ViT heads and the fusion head (README, "Model sizes").
 MODEL_SIZES = {
-    "small": {"stem_width": 24, "cnn_widths": (48, 96), "embed_dim": 96, "depth": 2, "num_heads": 4,
+    "small": {"stem_width": 24, "cnn_widths": (64, 128), "embed_dim": 96, "depth": 2, "num_heads": 4,
               "head_units": 192},
-    "base": {"stem_width": 32, "cnn_widths": (64, 128), "embed_dim": 128, "depth": 2, "num_heads": 4,
+    "base": {"stem_width": 32, "cnn_widths": (128, 256), "embed_dim": 128, "depth": 2, "num_heads": 4,
              "head_units": 256},
-    "large": {"stem_width": 48, "cnn_widths": (96, 192), "embed_dim": 192, "depth": 3, "num_heads": 6,
+    "large": {"stem_width": 48, "cnn_widths": (192, 384), "embed_dim": 192, "depth": 4, "num_heads": 6,
               "head_units": 384},
 }
 # With --time-budget: the base size trained 12 epochs is the one-hour recipe of the slow machines,
@@ -146,9 +146,11 @@ class Config:
     stem_width: int = _option(32, "channels of the convolutional stem both branches read (full-resolution "
                               "conv, then a conv stage down to 16x16); 0: no shared stem, the ViT embeds raw "
                               "pixel patches", _non_negative_int)
-    cnn_widths: tuple = _option((64, 128), "channels of the CNN branch's stages after the stem; each stage "
+    stem_full_resolution_conv: bool = _option(False, "one more conv3x3 (with batch norm and ReLU) at full "
+                                              "resolution at the start of the stem: a quarter slower")
+    cnn_widths: tuple = _option((128, 256), "channels of the CNN branch's stages after the stem; each stage "
                                 "halves the resolution", _widths)
-    patch_size: int = _option(2, "ViT patch size in pixels of its input, the stem's 16x16 feature map (the "
+    patch_size: int = _option(4, "ViT patch size in pixels of its input, the stem's 16x16 feature map (the "
                               "32x32 image with --stem-width 0); must divide that side", _positive_int)
     embed_dim: int = _option(128, "ViT token width", _positive_int)
     depth: int = _option(2, "number of transformer encoder blocks", _positive_int)
@@ -567,19 +569,22 @@ def conv_stage(width, policy, synchronized_bn=False, first=False):
 
 @keras.saving.register_keras_serializable(package="cifar_hybrid")
 class ConvStem(layers.Layer):
-    """The convolutions both branches read: 32x32 image to a 16x16 feature map.
+    """The convolutions both branches read: 32x32 image to a 16x16 feature map, one CNN stage.
 
     The ViT branch then embeds patches of learned features instead of raw pixels (the "hybrid"
     ViT of Dosovitskiy et al. 2020, the convolutional tokenizer of CCT), and the CNN branch
-    continues from the same map, so the two branches pay for these convolutions once.
+    continues from the same map, so the two branches pay for these convolutions once. No conv
+    runs at full resolution after the first: on a CPU the batch norm and ReLU over 32x32 maps
+    cost more time than their FLOPs suggest (README, "Ablations").
     """
 
-    def __init__(self, width=32, synchronized_bn=False, **kwargs):
+    def __init__(self, width=32, synchronized_bn=False, full_resolution_conv=False, **kwargs):
         super().__init__(**kwargs)
         self.width = int(width)
         self.synchronized_bn = bool(synchronized_bn)
-        self.stack = keras.Sequential(conv_stage(self.width, self.dtype_policy, self.synchronized_bn, first=True),
-                                      name="stem")
+        self.full_resolution_conv = bool(full_resolution_conv)
+        self.stack = keras.Sequential(conv_stage(self.width, self.dtype_policy, self.synchronized_bn,
+                                                 first=self.full_resolution_conv), name="stem")
 
     def build(self, input_shape):
         self.stack.build(input_shape)
@@ -588,7 +593,8 @@ class ConvStem(layers.Layer):
         return self.stack(images, training=training)
 
     def get_config(self):
-        return {**super().get_config(), "width": self.width, "synchronized_bn": self.synchronized_bn}
+        return {**super().get_config(), "width": self.width, "synchronized_bn": self.synchronized_bn,
+                "full_resolution_conv": self.full_resolution_conv}
 
 
 @keras.saving.register_keras_serializable(package="cifar_hybrid")
@@ -717,15 +723,15 @@ def build_model(config, dtype=None, synchronized_bn=False, class_names=None):
     """
     inputs = keras.Input(IMAGE_SHAPE, dtype="float32", name="image")
     x = ImageStandardization(dtype=dtype, name="standardize")(inputs)
-    if config.stem_width:
-        x = ConvStem(config.stem_width, synchronized_bn, dtype=dtype, name="stem")(x)
+    stem = ConvStem(config.stem_width, synchronized_bn, config.stem_full_resolution_conv, dtype=dtype,
+                    name="stem")(x) if config.stem_width else x
     features = []
     if config.branches in ("both", "cnn"):
         features.append(CNNBranch(config.cnn_widths, synchronized_bn, stem=not config.stem_width, dtype=dtype,
-                                  name="cnn_branch")(x))
+                                  name="cnn_branch")(stem))
     if config.branches in ("both", "vit"):
         features.append(ViTBranch(config.patch_size, config.embed_dim, config.depth, config.num_heads,
-                                  config.mlp_ratio, config.dropout, dtype=dtype, name="vit_branch")(x))
+                                  config.mlp_ratio, config.dropout, dtype=dtype, name="vit_branch")(stem))
     outputs = FusionHead(NUM_CLASSES, config.head_units, config.head_dropout, config.l2, class_names,
                          dtype=dtype, name="fusion_head")(features)
     return _with_class_names(keras.Model(inputs, outputs, name="cifar_hybrid"))
