@@ -1459,8 +1459,8 @@ def check_free_space(config, parameters):
 def choose_model_size(config, seconds, train_images):
     """--time-budget with --model-size auto: the largest size that trains `MIN_EPOCHS_PER_SIZE` epochs.
 
-    Times a few real training steps of each size, smallest first, on this machine. A resumed run
-    keeps the size its backup was made with instead.
+    Times a few real training steps of each size, smallest first, on this machine, for at most
+    about 5 % of the budget. A resumed run keeps the size its backup was made with instead.
     """
     path = None if config.fresh else tf.train.latest_checkpoint(config.checkpoint_dir)
     try:
@@ -1469,8 +1469,10 @@ def choose_model_size(config, seconds, train_images):
         saved = None
     if saved in MODEL_SIZES:
         return apply_model_size(config, saved)
-    chosen, steps = config.sizes[0], train_images // config.batch_size
+    chosen, steps, started = config.sizes[0], train_images // config.batch_size, time.time()
     for size in config.sizes:
+        if time.time() - started > 0.05 * seconds:  # timing (mostly compiling) may take 5 % of the budget
+            break
         step_seconds = time_training_step(apply_model_size(dataclasses.replace(config), size, config.explicit))
         # About 10 % of the budget goes to validation, the test pass and compiling.
         epochs = 0.9 * seconds / (steps * step_seconds)

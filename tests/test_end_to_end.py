@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -269,4 +270,5 @@ def test_a_named_size_sets_only_the_architecture_options_left_open():
 
 def test_time_training_step_measures_a_real_step():
     config = chc.parse_config(["--model-size", "small", *TINY_ARGS[2:]])
-    assert 0 < chc.time_training_step(config, repeats=2) < 30
+    seconds = chc.time_training_step(config, repeats=2)
+    assert isinstance(seconds, float) and seconds > 0 and math.isfinite(seconds)
