@@ -1469,15 +1469,16 @@ def choose_model_size(config, seconds, train_images):
         saved = None
     if saved in MODEL_SIZES:
         return apply_model_size(config, saved)
-    chosen, steps, started = config.sizes[0], train_images // config.batch_size, time.time()
-    for size in config.sizes:
+    sizes = getattr(config, "sizes", list(MODEL_SIZES))  # parse_config leaves out sizes the options rule out
+    chosen, steps, started = sizes[0], train_images // config.batch_size, time.time()
+    for size in sizes:
         if time.time() - started > 0.05 * seconds:  # timing (mostly compiling) may take 5 % of the budget
             break
         step_seconds = time_training_step(apply_model_size(dataclasses.replace(config), size, config.explicit))
         # About 10 % of the budget goes to validation, the test pass and compiling.
         epochs = 0.9 * seconds / (steps * step_seconds)
         print(f"model size {size}: {step_seconds:.3f}s per step, room for about {epochs:.1f} epochs")
-        if epochs < MIN_EPOCHS_PER_SIZE and size != config.sizes[0]:
+        if epochs < MIN_EPOCHS_PER_SIZE and size != sizes[0]:
             break
         chosen = size
     print(f"--time-budget: model size {chosen}, the largest with room for {MIN_EPOCHS_PER_SIZE} epochs "
@@ -1536,6 +1537,8 @@ def run(config):
     data = load_cifar100(config.data)
     print(f"CIFAR-100: {len(data.y_train)} training and {len(data.y_test)} test images "
           f"(loaded in {time.time() - started:.1f}s)")
+    if config.model_size == "auto" and not config.time_budget:  # a Config built in code, not parsed
+        apply_model_size(config, "base")
     if config.model_size == "auto":
         budget = config.time_budget * 60 - (time.time() - started)
         choose_model_size(config, budget, int(len(data.y_train) * (1 - config.validation_split)))
