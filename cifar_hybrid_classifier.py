@@ -142,7 +142,8 @@ class Config:
     # Architecture (a named size sets the options below that the command line leaves open)
     model_size: str = _option("auto", "small, base or large (README, \"Model sizes\"); auto: base, or with "
                               "--time-budget the largest size this machine trains for at least "
-                              f"{MIN_EPOCHS_PER_SIZE} epochs in the budget", str, choices=("auto", "small", "base", "large"))
+                              f"{MIN_EPOCHS_PER_SIZE} epochs in the budget", str,
+                              choices=("auto", *MODEL_SIZES))
     stem_width: int = _option(32, "channels of the convolutional stem both branches read (full-resolution "
                               "conv, then a conv stage down to 16x16); 0: no shared stem, the ViT embeds raw "
                               "pixel patches", _non_negative_int)
@@ -1474,7 +1475,8 @@ def choose_model_size(config, seconds, train_images):
     for size in sizes:
         if time.time() - started > 0.05 * seconds:  # timing (mostly compiling) may take 5 % of the budget
             break
-        step_seconds = time_training_step(apply_model_size(dataclasses.replace(config), size, config.explicit))
+        candidate = apply_model_size(dataclasses.replace(config), size, getattr(config, "explicit", set()))
+        step_seconds = time_training_step(candidate)
         # About 10 % of the budget goes to validation, the test pass and compiling.
         epochs = 0.9 * seconds / (steps * step_seconds)
         print(f"model size {size}: {step_seconds:.3f}s per step, room for about {epochs:.1f} epochs")
