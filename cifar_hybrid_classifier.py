@@ -3,7 +3,9 @@
     python cifar_hybrid_classifier.py                       # download via Keras, train, report, save
     python cifar_hybrid_classifier.py --data cifar-100-python.tar.gz --epochs 1
     python cifar_hybrid_classifier.py predict photo.jpg         # top-5 classes with the saved model
+    python cifar_hybrid_classifier.py explain photo.jpg         # what the model looks at, as a picture
     python cifar_hybrid_classifier.py evaluate                  # test-set report of the saved model
+    python cifar_hybrid_classifier.py export                    # SavedModel and TFLite files for serving
 
 Sections follow the data: configuration, data, augmentation pipeline, layers,
 model, trainer, evaluation, command line. Importing this module only defines
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import inspect
 import io
 import json
 import math
@@ -175,7 +178,8 @@ def build_arg_parser():
         prog=PROG,
         description="Train a hybrid CNN + Vision Transformer on CIFAR-100, evaluate it on the test set "
                     "and save it as a .keras file (the default command; it may also be named: train).",
-        epilog=f"Using a saved model: {PROG} predict IMAGE... | {PROG} evaluate (each with --help).",
+        epilog=f"Using a saved model: {PROG} predict|explain IMAGE... | {PROG} evaluate | {PROG} export "
+               "(each with --help).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
@@ -540,11 +544,14 @@ class TransformerEncoderBlock(layers.Layer):
         self.mlp_hidden.build(input_shape)
         self.mlp_out.build(input_shape[:-1] + (int(self.embed_dim * self.mlp_ratio),))
 
-    def call(self, x, training=None):
+    def call(self, x, training=None, return_attention_scores=False):
         h = self.norm1(x)
-        x = x + self.drop(self.attention(h, h, training=training), training=training)
+        attended = self.attention(h, h, training=training, return_attention_scores=return_attention_scores)
+        h, scores = attended if return_attention_scores else (attended, None)
+        x = x + self.drop(h, training=training)
         h = self.mlp_out(self.drop(self.mlp_hidden(self.norm2(x)), training=training))
-        return x + self.drop(h, training=training)
+        x = x + self.drop(h, training=training)
+        return (x, scores) if return_attention_scores else x
 
     def get_config(self):
         return {**super().get_config(), "embed_dim": self.embed_dim, "num_heads": self.num_heads,
@@ -622,6 +629,12 @@ class CNNBranch(layers.Layer):
     def call(self, images, training=None):
         return self.stack(images, training=training)
 
+    def feature_map(self, images, training=None):
+        """The last stage's output before the pooling: what Grad-CAM weighs."""
+        for layer in self.stack.layers[:-1]:
+            images = layer(images, training=training)
+        return images
+
     def get_config(self):
         return {**super().get_config(), "widths": self.widths, "synchronized_bn": self.synchronized_bn,
                 "stem": self.stem}
@@ -658,13 +671,16 @@ class ViTBranch(layers.Layer):
             block.build(shape)
         self.norm.build(shape)
 
-    def tokens(self, images, training=None):
-        """The full token sequence after the last block: (batch, patches + 1, embed_dim)."""
+    def tokens(self, images, training=None, return_attention_scores=False):
+        """The token sequence after the last block, (batch, patches + 1, embed_dim); with
+        `return_attention_scores`, also each block's attention weights, (batch, heads, tokens, tokens)."""
         x = self.position_embedding(self.class_token(self.patch_embedding(images)))
         x = self.embedding_dropout(x, training=training)
+        scores = []
         for block in self.blocks:
-            x = block(x, training=training)
-        return self.norm(x)
+            x, block_scores = block(x, training=training, return_attention_scores=True)
+            scores.append(block_scores)
+        return (self.norm(x), scores) if return_attention_scores else self.norm(x)
 
     def call(self, images, training=None):
         return self.tokens(images, training=training)[:, 0]
@@ -704,8 +720,10 @@ class FusionHead(layers.Layer):
         self.classifier.build((None, self.units))
 
     def call(self, branch_outputs, training=None):
-        x = self.drop(self.hidden(self.concat(list(branch_outputs))), training=training)
-        return self.softmax(self.classifier(x))
+        return self.softmax(self.logits(branch_outputs, training=training))
+
+    def logits(self, branch_outputs, training=None):
+        return self.classifier(self.drop(self.hidden(self.concat(list(branch_outputs))), training=training))
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes, "units": self.units,
@@ -1408,6 +1426,139 @@ def predict_probabilities(model, images, batch_size=256, tta=False):
     return probs
 
 
+def explain_images(model, images):
+    """Class probabilities, the ViT's attention rollout and the CNN's Grad-CAM for (N, 32, 32, 3) images.
+
+    Runs the saved model's own layers (no copy that could drift), in the order `build_model` joins
+    them. Returns (probs, rollout, gradcam); a map is None when the model lacks its branch.
+    """
+    parts = {type(layer): layer for layer in model.layers}
+    standardize, stem, cnn, vit, head = (parts.get(kind) for kind in
+                                         (ImageStandardization, ConvStem, CNNBranch, ViTBranch, FusionHead))
+    if standardize is None or head is None or (cnn is None and vit is None):
+        raise InputError(f"{model.name}: not a model this script built; explain needs its branches")
+    x = standardize(ops.convert_to_tensor(images, "float32"))
+    x = x if stem is None else stem(x)
+    features, scores = [], None
+    with tf.GradientTape() as tape:
+        if cnn is not None:
+            feature_map = cnn.feature_map(x)
+            tape.watch(feature_map)
+            features.append(cnn.stack.layers[-1](feature_map))  # the branch's own global pooling
+        if vit is not None:
+            tokens, scores = vit.tokens(x, return_attention_scores=True)
+            features.append(tokens[:, 0])
+        logits = tf.cast(head.logits(features), tf.float32)
+        top_logits = tf.reduce_sum(tf.reduce_max(logits, axis=-1))  # images are independent in inference
+    gradcam = None
+    if cnn is not None:  # Selvaraju et al. 2017: channels weighted by their mean gradient, then ReLU
+        weights = tf.reduce_mean(tape.gradient(top_logits, feature_map), axis=(1, 2), keepdims=True)
+        cam = tf.nn.relu(tf.reduce_sum(tf.cast(weights * feature_map, tf.float32), axis=-1)).numpy()
+        peak = cam.max(axis=(1, 2), keepdims=True)
+        gradcam = np.where(peak > 0, cam / np.where(peak > 0, peak, 1), 0.0)
+    rollout = None if scores is None else attention_rollout([s.numpy() for s in scores])
+    return keras.ops.convert_to_numpy(head.softmax(logits)), rollout, gradcam
+
+
+def attention_rollout(scores):
+    """Abnar and Zuidema 2020: how much each patch feeds the CLS token through all the blocks.
+
+    `scores` are the blocks' attention weights, (N, heads, tokens, tokens) each, CLS first. Each
+    block's heads are averaged, the identity added for the residual path and the rows renormalised;
+    the blocks' matrices multiply. Returns (N, side, side) maps that sum to 1.
+    """
+    rollout = None
+    for block in scores:
+        a = np.asarray(block, np.float64).mean(axis=1)
+        a = a + np.eye(a.shape[-1])
+        a /= a.sum(axis=-1, keepdims=True)
+        rollout = a if rollout is None else a @ rollout
+    to_patches = rollout[:, 0, 1:]
+    to_patches /= to_patches.sum(axis=-1, keepdims=True)
+    side = math.isqrt(to_patches.shape[-1])
+    return to_patches.reshape(-1, side, side)
+
+
+EXPLAIN_SCALE = 8  # each 32x32 panel is drawn at 256x256 pixels
+
+
+def explanation_panels(image, rollout=None, gradcam=None):
+    """The picture's panels as uint8 RGB arrays: the input, then each map over it (blue low, red high)."""
+    big = np.repeat(np.repeat(image, EXPLAIN_SCALE, 0), EXPLAIN_SCALE, 1).astype(np.float32)
+    panels = [big.astype(np.uint8)]
+    for heat in (rollout, gradcam):
+        if heat is not None:
+            heat = tf.image.resize(np.asarray(heat, np.float32)[..., None], big.shape[:2]).numpy()
+            heat /= max(float(heat.max()), 1e-12)  # the rollout sums to 1: stretched to full colour
+            colour = np.clip(1.5 - np.abs(4 * heat - np.array([3.0, 2.0, 1.0])), 0, 1) * 255
+            panels.append((0.5 * big + 0.5 * colour).astype(np.uint8))
+    return panels
+
+
+def write_explanation(path, panels, titles, top3):
+    """With matplotlib: titled panels and the top-3 classes beside them; without: the panels alone."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        gap = np.full((panels[0].shape[0], 8, 3), 255, np.uint8)
+        row = np.concatenate([part for panel in panels for part in (gap, panel)][1:], axis=1)
+        png = tf.io.encode_png(row).numpy()
+        write_atomically(path, lambda tmp: open(tmp, "wb").write(png))
+        return
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3 * (len(panels) + 1), 3.4), dpi=100)
+    for ax, panel, title in zip(axes, panels, titles):
+        ax.imshow(panel)
+        ax.set_title(title, fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.9, wspace=0.06)
+    axes[-1].text(0.05, 0.5, "top 3 classes\n\n" + "\n".join(f"{100 * p['probability']:5.1f}%  {p['class']}"
+                                                            for p in top3), va="center", fontsize=11)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def serving_archive(model):
+    """Keras's SavedModel export with two signatures: `serve` for float images, `serve_uint8` for raw bytes."""
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    for name, dtype in (("serve", tf.float32), ("serve_uint8", tf.uint8)):
+        archive.add_endpoint(name, lambda images: model(tf.cast(images, tf.float32), training=False),
+                             input_signature=[tf.TensorSpec((None, *IMAGE_SHAPE), dtype, name="images")])
+    return archive
+
+
+def tflite_probabilities(blob, images):
+    """Run a .tflite model's `serve_uint8` signature (TensorFlow's interpreter, else LiteRT's)."""
+    import warnings
+    with warnings.catch_warnings():  # TensorFlow points to the LiteRT package; both run the same file
+        warnings.simplefilter("ignore")
+        try:
+            interpreter = tf.lite.Interpreter(model_content=blob)
+        except AttributeError:
+            from ai_edge_litert.interpreter import Interpreter
+            interpreter = Interpreter(model_content=blob)
+    outputs = interpreter.get_signature_runner("serve_uint8")(images=images)
+    return next(iter(outputs.values()))
+
+
+def replace_folder(source, target):
+    """Move the finished folder `source` to `target`; a previous `target` is deleted only afterwards."""
+    previous = None
+    if os.path.exists(target):
+        previous = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(target)))
+        os.replace(target, os.path.join(previous, "old"))
+    os.replace(source, target)
+    if previous:
+        shutil.rmtree(previous)
+
+
+def folder_bytes(path):
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+
+
 # ----------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------
@@ -1580,53 +1731,161 @@ def run(config):
     return results, trainer
 
 
+COMMANDS = {
+    "predict": "Print the most likely CIFAR-100 classes of image files, using a saved model.",
+    "explain": "Picture what a saved model looks at in image files: the ViT branch's attention rollout and "
+               "the CNN branch's Grad-CAM for the top class, with the top-3 classes.",
+    "evaluate": "Evaluate a saved model on the CIFAR-100 test set: top-1, top-5, superclass accuracy, "
+                "per-class report, most confused classes.",
+    "export": "Export a saved model for serving: a TensorFlow SavedModel and/or a TFLite file, each checked "
+              "against the Keras model right after writing.",
+}
+
+
 def build_command_parser(command):
-    """The `predict` and `evaluate` command lines (training's comes from `Config`)."""
-    describe = {"predict": "Print the most likely CIFAR-100 classes of image files, using a saved model.",
-                "evaluate": "Evaluate a saved model on the CIFAR-100 test set: top-1, top-5, superclass "
-                            "accuracy, per-class report, most confused classes."}
-    parser = argparse.ArgumentParser(prog=f"{PROG} {command}", description=describe[command],
+    """The command lines of the commands that use a saved model (training's comes from `Config`)."""
+    parser = argparse.ArgumentParser(prog=f"{PROG} {command}", description=COMMANDS[command],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    if command == "predict":
+    if command in ("predict", "explain"):
         parser.add_argument("images", nargs="+", metavar="IMAGE",
                             help="PNG, JPEG, BMP or GIF files of any size and colour mode")
     parser.add_argument("--model", default=Config.output, metavar="PATH", help="the saved .keras model")
     if command == "predict":
         parser.add_argument("--top", type=_positive_int, default=5, metavar="K", help="classes to print per image")
+    if command in ("predict", "explain"):
         parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    else:
-        parser.add_argument("--data", metavar="PATH", help=Config.__dataclass_fields__["data"].metadata["help"])
+    if command == "explain":
+        parser.add_argument("--output-dir", default=".", metavar="DIR",
+                            help="folder for the pictures, <image name>.explain.png each")
+    if command in ("evaluate", "export"):
+        parser.add_argument("--data", metavar="PATH", help=Config.__dataclass_fields__["data"].metadata["help"] +
+                            ("" if command == "evaluate" else "; export checks the exports on its test set "
+                             "(default: 256 random images)"))
+    if command == "evaluate":
         parser.add_argument("--batch-size", type=_positive_int, default=256, metavar="N",
                             help="images per prediction batch")
         parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
                             help="average the predictions for each image and its mirror image")
+    if command == "export":
+        parser.add_argument("--format", default="all", choices=("savedmodel", "tflite", "all"))
+        parser.add_argument("--output", metavar="PATH", help="path without extension for PATH.savedmodel (a "
+                            "folder) and PATH.tflite (default: the model's path without .keras)")
     return parser
 
 
-def predict_images(args):
-    """The `predict` command: exit code 0, or 2 if any file could not be read."""
-    model = load_model(args.model)
-    names = list(model.class_names or (f"class {i}" for i in range(model.output_shape[-1])))
+def read_image_files(paths):
+    """One result per path ({"file": ...}, with "error" for a file that cannot be read) and the images read."""
     results, images = [], []
-    for path in args.images:
+    for path in paths:
         try:
             images.append(read_image(path))
             results.append({"file": path})
         except InputError as exc:
             print(f"error: {exc}", file=sys.stderr)
             results.append({"file": path, "error": str(exc)})
-    read = [r for r in results if "error" not in r]
-    for result, probs in zip(read, predict_probabilities(model, np.stack(images)) if images else []):
-        result["predictions"] = [{"class": names[i], "index": int(i), "probability": float(probs[i])}
-                                 for i in np.argsort(-probs, kind="stable")[:args.top]]
-    if args.json:
+    return results, images
+
+
+def top_classes(model, probs, k):
+    names = list(model.class_names or (f"class {i}" for i in range(model.output_shape[-1])))
+    return [{"class": names[i], "index": int(i), "probability": float(probs[i])}
+            for i in np.argsort(-probs, kind="stable")[:k]]
+
+
+def print_results(results, as_json):
+    if as_json:
         print(json.dumps(results, indent=2))
-    else:
-        for result in read:
-            print(result["file"])
+        return
+    for result in results:
+        if "error" not in result:
+            print(result["file"] + (f" -> {result['picture']}" if "picture" in result else ""))
             for p in result["predictions"]:
                 print(f"  {100 * p['probability']:6.2f}%  {p['class']}")
+
+
+def predict_images(args):
+    """The `predict` command: exit code 0, or 2 if any file could not be read."""
+    model = load_model(args.model)
+    results, images = read_image_files(args.images)
+    read = [r for r in results if "error" not in r]
+    for result, probs in zip(read, predict_probabilities(model, np.stack(images)) if images else []):
+        result["predictions"] = top_classes(model, probs, args.top)
+    print_results(results, args.json)
     return 2 if len(read) < len(results) else 0
+
+
+def explain_files(args):
+    """The `explain` command: one picture per image; exit code 0, or 2 if any file could not be read."""
+    model = load_model(args.model)
+    check_folder(args.output_dir, "--output-dir")
+    os.makedirs(args.output_dir, exist_ok=True)
+    results, images = read_image_files(args.images)
+    read = [r for r in results if "error" not in r]
+    if images:
+        probs, rollout, gradcam = explain_images(model, np.stack(images))
+        if np.abs(probs - predict_probabilities(model, np.stack(images))).max() > 1e-4:
+            raise InputError(f"{args.model}: its layers do not join the way explain expects")
+        for i, result in enumerate(read):
+            result["predictions"] = top_classes(model, probs[i], 3)
+            panels = explanation_panels(images[i], None if rollout is None else rollout[i],
+                                        None if gradcam is None else gradcam[i])
+            titles = ["input (32x32)"] + (["ViT attention rollout"] if rollout is not None else []) + \
+                ([f"CNN Grad-CAM: {result['predictions'][0]['class']}"] if gradcam is not None else [])
+            name = os.path.splitext(os.path.basename(result["file"]))[0] + ".explain.png"
+            result["picture"] = os.path.join(args.output_dir, name)
+            write_explanation(result["picture"], panels, titles, result["predictions"])
+    print_results(results, args.json)
+    return 2 if len(read) < len(results) else 0
+
+
+EXPORT_TOLERANCE = 1e-4  # float32 round-off stays far below; more means a broken export
+
+
+def export_files(args):
+    """The `export` command: check every export against the Keras model, then move it into place."""
+    model = load_model(args.model)
+    stem = args.output or os.path.splitext(args.model)[0]
+    targets = {"savedmodel": stem + ".savedmodel", "tflite": stem + ".tflite"}
+    formats = list(targets) if args.format == "all" else [args.format]
+    folder = os.path.dirname(os.path.abspath(stem))
+    if not os.path.isdir(folder):
+        raise InputError(f"--output {stem}: folder {folder} does not exist; create it first")
+    _check_writable(folder, "--output", stem)
+    if "savedmodel" in formats and os.path.exists(targets["savedmodel"]) and not os.path.isdir(targets["savedmodel"]):
+        raise InputError(f"--output {stem}: {targets['savedmodel']} is a file, not a SavedModel folder")
+    if args.data is not None:
+        if not os.path.exists(args.data):
+            raise InputError(f"--data {args.data}: no such file or folder")
+        images = load_cifar100(args.data).x_test
+    else:
+        images = np.random.default_rng(0).integers(0, 256, (256, *IMAGE_SHAPE), dtype=np.uint8)
+    expected = predict_probabilities(model, images.astype(np.float32))
+    with tempfile.TemporaryDirectory(prefix=".tmp-export-", dir=folder) as work:
+        savedmodel = os.path.join(work, "savedmodel")
+        archive = serving_archive(model)
+        quiet = {"verbose": False} if "verbose" in inspect.signature(archive.write_out).parameters else {}
+        archive.write_out(savedmodel, **quiet)  # Keras 3.6+ would print the signatures
+        exported = {}
+        if "savedmodel" in formats:
+            loaded = tf.saved_model.load(savedmodel)  # kept in a name: its functions need it alive
+            exported["savedmodel"] = loaded.serve_uint8(tf.constant(images)).numpy()
+        if "tflite" in formats:
+            blob = tf.lite.TFLiteConverter.from_saved_model(savedmodel, signature_keys=["serve_uint8"]).convert()
+            exported["tflite"] = tflite_probabilities(blob, images)
+        for name, probs in exported.items():
+            difference = float(np.abs(probs - expected).max())
+            if not difference <= EXPORT_TOLERANCE:
+                raise InputError(f"the {name} export differs from the Keras model by {difference:.2e} (more than "
+                                 f"{EXPORT_TOLERANCE:g}): a broken export; nothing was written")
+            print(f"{name}: max difference from the Keras model {difference:.2e} on {len(images)} images")
+        if "savedmodel" in formats:
+            replace_folder(savedmodel, targets["savedmodel"])
+        if "tflite" in formats:
+            write_atomically(targets["tflite"], lambda tmp: open(tmp, "wb").write(blob))
+    for name in formats:
+        size = folder_bytes(targets[name]) if name == "savedmodel" else os.path.getsize(targets[name])
+        print(f"wrote {targets[name]} ({size / 1e6:.1f} MB)")
+    return 0
 
 
 def evaluate_model(args):
@@ -1645,16 +1904,17 @@ def evaluate_model(args):
 
 
 def main(argv=None):
-    """`[train] [options]`, `predict IMAGE... [options]` or `evaluate [options]`; returns the exit code."""
+    """`[train] [options]`, or a command that uses a saved model (`COMMANDS`); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("train", "predict", "evaluate") else "train"
+    command = argv.pop(0) if argv and argv[0] in ("train", *COMMANDS) else "train"
     args = parse_config(argv) if command == "train" else build_command_parser(command).parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach logs as they happen
     try:
         if command == "train":
             run(args)
             return 0
-        return predict_images(args) if command == "predict" else evaluate_model(args)
+        return {"predict": predict_images, "explain": explain_files, "evaluate": evaluate_model,
+                "export": export_files}[command](args)
     except (InputError, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3 if isinstance(exc, TrainingDiverged) else 2

@@ -98,6 +98,20 @@ TINY_ARGS = ["--epochs", "1", "--batch-size", "32", "--validation-split", "0.25"
              "--head-units", "32", "--patch-size", "8"]
 
 
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory, cifar_folder):
+    """A tiny model trained on the synthetic data and saved the way the command line saves it."""
+    import cifar_hybrid_classifier as chc
+    path = str(tmp_path_factory.mktemp("model") / "m.keras")  # its backup folder goes beside it too
+    config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS, "--epochs", "3", "--learning-rate", "0.01",
+                               "--output", path])
+    chc.set_seeds(config.seed)
+    trainer = chc.Trainer(config, chc.load_cifar100(cifar_folder), log=lambda *_: None)
+    trainer.fit()
+    chc.save_model_atomically(trainer.export_model(), path)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _work_in_tmp_path(tmp_path, monkeypatch):
     """Default outputs (the model, its backup folder) land in a per-test folder, never in the checkout."""

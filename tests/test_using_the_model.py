@@ -25,19 +25,6 @@ def run_script(*args, **kwargs):
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory, cifar_folder):
-    """A tiny model trained on the synthetic data and saved the way the command line saves it."""
-    path = str(tmp_path_factory.mktemp("model") / "m.keras")  # its backup folder goes beside it too
-    config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS, "--epochs", "3", "--learning-rate", "0.01",
-                               "--output", path])
-    chc.set_seeds(config.seed)
-    trainer = chc.Trainer(config, chc.load_cifar100(cifar_folder), log=lambda *_: None)
-    trainer.fit()
-    chc.save_model_atomically(trainer.export_model(), path)
-    return path
-
-
 # -- image files written by hand: TensorFlow encodes only PNG and JPEG --
 
 def png_chunk(kind, data):
