@@ -46,6 +46,18 @@ IMAGE_SHAPE = (32, 32, 3)
 # Per-channel statistics of the CIFAR-100 training set, in 0..255 pixel units.
 CIFAR100_MEAN = (129.30, 124.07, 112.43)
 CIFAR100_STD = (68.17, 65.39, 70.42)
+# The two data sets in the official python format: their files, label keys, classes and statistics.
+DATASETS = {
+    "cifar100": {"name": "CIFAR-100", "archive": "cifar-100-python.tar.gz", "folder": "cifar-100-python",
+                 "train": ("train",), "test": "test", "meta": "meta", "labels": "fine_labels",
+                 "names": "fine_label_names", "classes": NUM_CLASSES, "mean": CIFAR100_MEAN, "std": CIFAR100_STD,
+                 "sha256": "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7"},
+    "cifar10": {"name": "CIFAR-10", "archive": "cifar-10-python.tar.gz", "folder": "cifar-10-batches-py",
+                "train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": "test_batch", "meta": "batches.meta",
+                "labels": "labels", "names": "label_names", "classes": 10,
+                "mean": (125.31, 122.95, 113.87), "std": (62.99, 62.09, 66.71),
+                "sha256": "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"},
+}
 
 
 # ----------------------------------------------------------------------------
@@ -103,8 +115,10 @@ def _option(default, help, type=None, **kwargs):
 @dataclass
 class Config:
     # Data and output
-    data: str | None = _option(None, "CIFAR-100 python archive (cifar-100-python.tar.gz) or its extracted "
-                               "folder; without it Keras downloads and caches the data set", str)
+    dataset: str = _option("cifar100", "the data set to train on", str, choices=tuple(DATASETS))
+    data: str | None = _option(None, "the data set's python archive (cifar-100-python.tar.gz or "
+                               "cifar-10-python.tar.gz) or its extracted folder; without it Keras downloads and "
+                               "caches the data set", str)
     output: str = _option("cifar_hybrid.keras", "where to save the trained model (.keras); the run's history, "
                           "metrics and report files are written beside it", str)
     checkpoint_dir: str | None = _option(None, "folder for the training-state backup that an interrupted run "
@@ -176,7 +190,7 @@ def build_arg_parser():
     """The training command line, generated from `Config` so the two never drift apart."""
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Train a hybrid CNN + Vision Transformer on CIFAR-100, evaluate it on the test set "
+        description="Train a hybrid CNN + Vision Transformer on CIFAR-100 (or CIFAR-10), evaluate it on the test set "
                     "and save it as a .keras file (the default command; it may also be named: train).",
         epilog=f"Using a saved model: {PROG} predict|explain IMAGE... | {PROG} evaluate | {PROG} export "
                "(each with --help).",
@@ -255,17 +269,20 @@ class InputError(ValueError):
 @dataclass
 class CifarData:
     x_train: np.ndarray          # (50000, 32, 32, 3) uint8
-    y_train: np.ndarray          # (50000,) fine labels 0..99
-    coarse_train: np.ndarray     # (50000,) coarse labels 0..19
+    y_train: np.ndarray          # (50000,) labels: CIFAR-100's fine labels 0..99, or CIFAR-10's 0..9
+    coarse_train: np.ndarray     # (50000,) CIFAR-100's coarse labels 0..19 (None for CIFAR-10)
     x_test: np.ndarray
     y_test: np.ndarray
     coarse_test: np.ndarray
-    fine_names: list
+    fine_names: list             # the names of the classes the model predicts
     coarse_names: list
+    name: str = "CIFAR-100"
 
     def fine_to_coarse(self):
-        """The superclass of each fine class, as the labels pair them."""
-        mapping = np.zeros(NUM_CLASSES, np.int64)
+        """The superclass of each fine class, as the labels pair them (None without superclasses)."""
+        if self.coarse_train is None:
+            return None
+        mapping = np.zeros(len(self.fine_names), np.int64)
         mapping[np.concatenate([self.y_train, self.y_test])] = np.concatenate([self.coarse_train, self.coarse_test])
         return mapping
 
@@ -293,24 +310,24 @@ def _unpickle(raw, member):
     try:
         obj = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as exc:
-        raise InputError(f"'{member}' is not a valid CIFAR-100 pickle ({exc})") from None
+        raise InputError(f"'{member}' is not a valid CIFAR pickle ({exc})") from None
     if not isinstance(obj, dict):
         raise InputError(f"'{member}' holds a {type(obj).__name__}, expected a dict")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
-def _read_members(path):
-    """Raw bytes of the train, test and meta pickles from a .tar.gz archive or a folder."""
-    wanted = ("train", "test", "meta")
+def _read_members(path, spec):
+    """Raw bytes of the training, test and meta pickles from a .tar.gz archive or a folder."""
+    wanted = (*spec["train"], spec["test"], spec["meta"])
     if os.path.isdir(path):
         folder = path
-        if not os.path.exists(os.path.join(folder, "meta")) and os.path.isdir(os.path.join(path, "cifar-100-python")):
-            folder = os.path.join(path, "cifar-100-python")
+        if not os.path.exists(os.path.join(folder, spec["meta"])) and os.path.isdir(os.path.join(path, spec["folder"])):
+            folder = os.path.join(path, spec["folder"])
         raw = {}
         for name in wanted:
             member = os.path.join(folder, name)
             if not os.path.isfile(member):
-                raise InputError(f"{path}: no '{name}' file; expected the extracted cifar-100-python folder")
+                raise InputError(f"{path}: no '{name}' file; expected the extracted {spec['folder']} folder")
             try:
                 with open(member, "rb") as f:
                     raw[name] = f.read()
@@ -318,7 +335,7 @@ def _read_members(path):
                 raise InputError(f"{member}: cannot read ({exc.strerror})") from None
         return raw
     if not os.path.exists(path):
-        raise InputError(f"{path}: no such file or folder; pass the CIFAR-100 python archive or its folder")
+        raise InputError(f"{path}: no such file or folder; pass the {spec['name']} python archive or its folder")
     raw = {}
     try:
         # One sequential pass: random access into a gzip stream would decompress it again per member.
@@ -329,15 +346,19 @@ def _read_members(path):
                     raw[name] = archive.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        raise InputError(f"{path}: not a readable CIFAR-100 .tar.gz archive ({reason})") from None
+        raise InputError(f"{path}: not a readable {spec['name']} .tar.gz archive ({reason})") from None
     missing = [name for name in wanted if name not in raw]
     if missing:
-        raise InputError(f"{path}: archive lacks {', '.join(missing)}; expected cifar-100-python/{{train,test,meta}}")
+        raise InputError(f"{path}: archive lacks {', '.join(missing)}; expected {spec['folder']}/"
+                         f"{{{','.join(wanted)}}}")
     return raw
 
 
-def _parse_split(d, member):
-    for key in ("data", "fine_labels", "coarse_labels"):
+def _parse_split(d, member, spec):
+    """Images and labels of one pickle: (images, labels, CIFAR-100's coarse labels or None)."""
+    label_keys = ((spec["labels"], spec["classes"]),) + ((("coarse_labels", NUM_COARSE),) if spec["labels"] ==
+                                                         "fine_labels" else ())
+    for key in ("data", *(key for key, _ in label_keys)):
         if key not in d:
             raise InputError(f"'{member}' has no '{key}' entry")
     data = d["data"]
@@ -345,7 +366,7 @@ def _parse_split(d, member):
         desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise InputError(f"'{member}' data is {desc}, expected uint8 (N, 3072)")
     labels = []
-    for key, limit in (("fine_labels", NUM_CLASSES), ("coarse_labels", NUM_COARSE)):
+    for key, limit in label_keys:
         try:
             values = np.asarray(d[key], dtype=np.int64)
         except (TypeError, ValueError, OverflowError):
@@ -357,40 +378,39 @@ def _parse_split(d, member):
                             f"found {values.min()}..{values.max()}")
         labels.append(values)
     images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-    return images, labels[0], labels[1]
+    return images, labels[0], labels[1] if len(labels) > 1 else None
 
 
 def _parse_names(d, key, count):
     names = d.get(key)
     if not isinstance(names, list) or len(names) != count:
-        raise InputError(f"'meta' needs {count} {key}")
+        raise InputError(f"the meta file needs {count} {key}")
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
-def load_cifar100(path=None):
-    """Load CIFAR-100 as uint8 images, fine and coarse labels, and class names.
+def load_cifar(path=None, dataset="cifar100"):
+    """Load CIFAR-100 (or CIFAR-10) as uint8 images, labels (and CIFAR-100's coarse labels), class names.
 
-    `path` is the official `cifar-100-python.tar.gz` or its extracted folder;
-    `None` downloads it once into the Keras cache (the same files
-    `keras.datasets.cifar100.load_data` uses).
+    `path` is the official python archive (`cifar-100-python.tar.gz`, `cifar-10-python.tar.gz`) or
+    its extracted folder; `None` downloads it once into the Keras cache (the same files
+    `keras.datasets.cifar100.load_data` and `cifar10.load_data` use).
     """
+    spec = DATASETS[dataset]
     if path is None:
         try:
-            cache = keras.utils.get_file(
-                fname="cifar-100-python-target",
-                origin="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-                extract=True,
-                file_hash="85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7")
+            cache = keras.utils.get_file(fname=spec["folder"] + "-target", extract=True, file_hash=spec["sha256"],
+                                         origin="https://www.cs.toronto.edu/~kriz/" + spec["archive"])
         except Exception as exc:
-            raise InputError(f"could not download CIFAR-100 ({exc}); pass --data PATH to a local copy") from None
-        path = os.path.join(cache, "cifar-100-python")
-    raw = _read_members(path)
-    train = _parse_split(_unpickle(raw["train"], "train"), "train")
-    test = _parse_split(_unpickle(raw["test"], "test"), "test")
-    meta = _unpickle(raw["meta"], "meta")
-    return CifarData(*train, *test,
-                     fine_names=_parse_names(meta, "fine_label_names", NUM_CLASSES),
-                     coarse_names=_parse_names(meta, "coarse_label_names", NUM_COARSE))
+            raise InputError(f"could not download {spec['name']} ({exc}); pass --data PATH to a local copy") from None
+        path = os.path.join(cache, spec["folder"])
+    raw = _read_members(path, spec)
+    train = [_parse_split(_unpickle(raw[name], name), name, spec) for name in spec["train"]]
+    train = [None if parts[0] is None else np.concatenate(parts) for parts in zip(*train)]
+    test = _parse_split(_unpickle(raw[spec["test"]], spec["test"]), spec["test"], spec)
+    meta = _unpickle(raw[spec["meta"]], spec["meta"])
+    coarse_names = _parse_names(meta, "coarse_label_names", NUM_COARSE) if train[2] is not None else None
+    return CifarData(*train, *test, fine_names=_parse_names(meta, spec["names"], spec["classes"]),
+                     coarse_names=coarse_names, name=spec["name"])
 
 
 # ----------------------------------------------------------------------------
@@ -735,13 +755,14 @@ class FusionHead(layers.Layer):
 # ----------------------------------------------------------------------------
 
 def build_model(config, dtype=None, synchronized_bn=False, class_names=None):
-    """The hybrid: raw 0..255 images in, 100 class probabilities out.
+    """The hybrid: raw 0..255 images in, class probabilities out (100 for CIFAR-100, 10 for CIFAR-10).
 
     `dtype` is a Keras dtype policy name (e.g. "mixed_bfloat16"); None uses the global policy.
     `class_names` are stored in the fusion head's config and exposed as `model.class_names`.
     """
+    spec = DATASETS[config.dataset]
     inputs = keras.Input(IMAGE_SHAPE, dtype="float32", name="image")
-    x = ImageStandardization(dtype=dtype, name="standardize")(inputs)
+    x = ImageStandardization(spec["mean"], spec["std"], dtype=dtype, name="standardize")(inputs)
     stem = ConvStem(config.stem_width, synchronized_bn, config.stem_full_resolution_conv, dtype=dtype,
                     name="stem")(x) if config.stem_width else x
     features = []
@@ -751,7 +772,7 @@ def build_model(config, dtype=None, synchronized_bn=False, class_names=None):
     if config.branches in ("both", "vit"):
         features.append(ViTBranch(config.patch_size, config.embed_dim, config.depth, config.num_heads,
                                   config.mlp_ratio, config.dropout, dtype=dtype, name="vit_branch")(stem))
-    outputs = FusionHead(NUM_CLASSES, config.head_units, config.head_dropout, config.l2, class_names,
+    outputs = FusionHead(spec["classes"], config.head_units, config.head_dropout, config.l2, class_names,
                          dtype=dtype, name="fusion_head")(features)
     return _with_class_names(keras.Model(inputs, outputs, name="cifar_hybrid"))
 
@@ -1094,12 +1115,12 @@ class Trainer:
         return optimizer
 
     def _distributed_train_step(self, images, labels):
-        global_batch = self.global_batch
+        global_batch, classes = self.global_batch, DATASETS[self.config.dataset]["classes"]
 
         def step(x, y):
             with tf.GradientTape() as tape:
                 probs = self.model(x, training=True)
-                per_example = self.loss_fn(tf.one_hot(y, NUM_CLASSES), probs)
+                per_example = self.loss_fn(tf.one_hot(y, classes), probs)
                 loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
                 if self.model.losses:
                     loss += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
@@ -1302,7 +1323,7 @@ HISTORY_FIELDS = ["epoch", "seconds", "elapsed", "learning_rate", "train_loss", 
 def write_run_reports(trainer, results, stem, started):
     """`<stem>.history.csv`, `.metrics.json`, `.report.txt`; with matplotlib, curve and confusion images."""
     config, names, per_class = trainer.config, trainer.data.fine_names, results["per_class"]
-    test = {key: results[key] for key in ("top1", "top5", "superclass_top1")}
+    test = {key: results[key] for key in ("top1", "top5", "superclass_top1") if key in results}
     test.update(top1_without_tta=results["top1_plain"], tta=config.tta, images=int(results["confusion"].sum()))
     metrics = {"test": test, "best_validation_top1": trainer.best_accuracy,
                "per_class": {name: per_class[name] for name in names},
@@ -1644,7 +1665,8 @@ def time_training_step(config, repeats=5):
     model = build_model(config, resolve_precision(config.precision))
     optimizer = keras.optimizers.AdamW(1e-4)
     images = tf.random.uniform((config.batch_size, *IMAGE_SHAPE), 0, 255)
-    labels = tf.one_hot(tf.random.uniform((config.batch_size,), 0, NUM_CLASSES, tf.int32), NUM_CLASSES)
+    classes = model.output_shape[-1]
+    labels = tf.one_hot(tf.random.uniform((config.batch_size,), 0, classes, tf.int32), classes)
 
     @tf.function
     def step():
@@ -1687,8 +1709,8 @@ def run(config):
         raise InputError(f"--data {config.data}: no such file or folder")
     set_seeds(config.seed)
     started = time.time()
-    data = load_cifar100(config.data)
-    print(f"CIFAR-100: {len(data.y_train)} training and {len(data.y_test)} test images "
+    data = load_cifar(config.data, config.dataset)
+    print(f"{data.name}: {len(data.y_train)} training and {len(data.y_test)} test images "
           f"(loaded in {time.time() - started:.1f}s)")
     if config.model_size == "auto" and not config.time_budget:  # a Config built in code, not parsed
         apply_model_size(config, "base")
@@ -1732,11 +1754,11 @@ def run(config):
 
 
 COMMANDS = {
-    "predict": "Print the most likely CIFAR-100 classes of image files, using a saved model.",
+    "predict": "Print the most likely classes of image files, using a saved model.",
     "explain": "Picture what a saved model looks at in image files: the ViT branch's attention rollout and "
                "the CNN branch's Grad-CAM for the top class, with the top-3 classes.",
-    "evaluate": "Evaluate a saved model on the CIFAR-100 test set: top-1, top-5, superclass accuracy, "
-                "per-class report, most confused classes.",
+    "evaluate": "Evaluate a saved model on its data set's test set (CIFAR-100 or CIFAR-10, from its number "
+                "of classes): top-1, top-5, superclass accuracy, per-class report, most confused classes.",
     "export": "Export a saved model for serving: a TensorFlow SavedModel and/or a TFLite file, each checked "
               "against the Keras model right after writing.",
 }
@@ -1854,9 +1876,7 @@ def export_files(args):
     if "savedmodel" in formats and os.path.exists(targets["savedmodel"]) and not os.path.isdir(targets["savedmodel"]):
         raise InputError(f"--output {stem}: {targets['savedmodel']} is a file, not a SavedModel folder")
     if args.data is not None:
-        if not os.path.exists(args.data):
-            raise InputError(f"--data {args.data}: no such file or folder")
-        images = load_cifar100(args.data).x_test
+        images = load_test_set(model, args).x_test
     else:
         images = np.random.default_rng(0).integers(0, 256, (256, *IMAGE_SHAPE), dtype=np.uint8)
     expected = predict_probabilities(model, images.astype(np.float32))
@@ -1888,17 +1908,27 @@ def export_files(args):
     return 0
 
 
+def load_test_set(model, args):
+    """The data set (`--data`) whose classes the model predicts: CIFAR-100 or CIFAR-10, by their number."""
+    classes = model.output_shape[-1]
+    dataset = next((name for name, spec in DATASETS.items() if spec["classes"] == classes), None)
+    if dataset is None:
+        raise InputError(f"{args.model}: {classes} classes, neither CIFAR-100's nor CIFAR-10's")
+    if args.data is not None and not os.path.exists(args.data):
+        raise InputError(f"--data {args.data}: no such file or folder")
+    data = load_cifar(args.data, dataset)
+    if model.class_names and list(model.class_names) != data.fine_names:
+        raise InputError(f"{args.model}: its classes are not the {classes} classes of {args.data or data.name}")
+    return data
+
+
 def evaluate_model(args):
     """The `evaluate` command."""
     model = load_model(args.model)
-    if args.data is not None and not os.path.exists(args.data):
-        raise InputError(f"--data {args.data}: no such file or folder")
-    data = load_cifar100(args.data)
-    if model.output_shape[-1] != NUM_CLASSES or (model.class_names and list(model.class_names) != data.fine_names):
-        raise InputError(f"{args.model}: its classes are not this data set's {NUM_CLASSES} classes")
+    data = load_test_set(model, args)
     probs = predict_probabilities(model, data.x_test, args.batch_size, args.tta)
     results = evaluate(probs, data.y_test, data.fine_names, data.fine_to_coarse(), data.coarse_test)
-    print(format_report(results, f"{args.model} on the CIFAR-100 test set ({len(data.y_test)} images"
+    print(format_report(results, f"{args.model} on the {data.name} test set ({len(data.y_test)} images"
                                  f"{', flip TTA' if args.tta else ''}):"))
     return 0
 

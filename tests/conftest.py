@@ -48,10 +48,35 @@ def write_folder(folder, train=None, test=None, meta=None):
     return path
 
 
+CIFAR10_NAMES = [f"class_{i}" for i in range(10)]
+
+
+def write_cifar10(folder, drop=None, **changes):
+    """Write cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta} under `folder` (40 images per
+    training batch, 30 test images); `changes` maps a file to {key: function of its value}; `drop` leaves
+    one file out. Returns the cifar-10-batches-py path."""
+    path = os.path.join(folder, "cifar-10-batches-py")
+    os.makedirs(path, exist_ok=True)
+    members = {f"data_batch_{i}": make_split(40, 10 + i) for i in range(1, 6)}
+    members["test_batch"] = make_split(30, 20)
+    for split in members.values():
+        split[b"labels"] = [label % 10 for label in split.pop(b"fine_labels")]
+        del split[b"coarse_labels"]
+    members["batches.meta"] = {b"label_names": [n.encode() for n in CIFAR10_NAMES], b"num_cases_per_batch": 40}
+    for name, change in changes.items():
+        for key, function in change.items():
+            members[name][key.encode()] = function(members[name][key.encode()])
+    for name, obj in members.items():
+        if name != drop:
+            with open(os.path.join(path, name), "wb") as f:
+                f.write(pickle.dumps(obj, protocol=2))
+    return path
+
+
 def write_tarball(path, folder):
-    """Pack an extracted cifar-100-python folder the way the official archive is packed."""
+    """Pack an extracted cifar-100-python (or cifar-10-batches-py) folder the way the official archive is."""
     with tarfile.open(path, "w:gz") as archive:
-        archive.add(folder, arcname="cifar-100-python")
+        archive.add(folder, arcname=os.path.basename(folder))
     return path
 
 
@@ -106,7 +131,7 @@ def model_path(tmp_path_factory, cifar_folder):
     config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS, "--epochs", "3", "--learning-rate", "0.01",
                                "--output", path])
     chc.set_seeds(config.seed)
-    trainer = chc.Trainer(config, chc.load_cifar100(cifar_folder), log=lambda *_: None)
+    trainer = chc.Trainer(config, chc.load_cifar(cifar_folder), log=lambda *_: None)
     trainer.fit()
     chc.save_model_atomically(trainer.export_model(), path)
     return path

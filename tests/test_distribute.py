@@ -34,7 +34,7 @@ TRAIN_ON_TWO_CPUS = textwrap.dedent(TWO_CPUS + """
 ONE_STEP_BOTH_WAYS = textwrap.dedent(TWO_CPUS + """
     import keras
     import numpy as np
-    data = chc.load_cifar100(sys.argv[1])
+    data = chc.load_cifar(sys.argv[1])
     # No dropout: replicas draw their own masks.
     common = ["--data", sys.argv[1], *sys.argv[3:], "--head-dropout", "0"]
     images, labels = data.x_train[:32], data.y_train[:32].astype("int32")

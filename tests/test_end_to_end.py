@@ -95,7 +95,7 @@ RELOAD = textwrap.dedent("""
 def test_saved_model_reloads_in_a_fresh_process_with_equal_predictions(tmp_path, cifar_folder):
     config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS])
     chc.set_seeds(config.seed)
-    trainer = chc.Trainer(config, chc.load_cifar100(cifar_folder), log=lambda *_: None)
+    trainer = chc.Trainer(config, chc.load_cifar(cifar_folder), log=lambda *_: None)
     trainer.fit()
     model = trainer.export_model()
     batch = np.random.default_rng(1).integers(0, 256, size=(16, 32, 32, 3), dtype=np.uint8)
@@ -114,7 +114,7 @@ def test_saved_model_reloads_in_a_fresh_process_with_equal_predictions(tmp_path,
 def test_training_learns_and_keeps_the_best_weights(cifar_folder):
     config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS, "--epochs", "4", "--learning-rate", "0.01"])
     chc.set_seeds(config.seed)
-    trainer = chc.Trainer(config, chc.load_cifar100(cifar_folder), log=lambda *_: None)
+    trainer = chc.Trainer(config, chc.load_cifar(cifar_folder), log=lambda *_: None)
     history = trainer.fit()
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -127,7 +127,7 @@ def test_training_learns_and_keeps_the_best_weights(cifar_folder):
 
 def test_mixed_precision_model_exports_in_float32(cifar_folder):
     config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS, "--precision", "mixed_bfloat16"])
-    trainer = chc.Trainer(config, chc.load_cifar100(cifar_folder), log=lambda *_: None)
+    trainer = chc.Trainer(config, chc.load_cifar(cifar_folder), log=lambda *_: None)
     exported = trainer.export_model()
     assert exported is not trainer.model
     assert all(layer.dtype_policy.name == "float32" for layer in exported.layers[1:])
@@ -138,7 +138,7 @@ def test_mixed_precision_model_exports_in_float32(cifar_folder):
 
 def test_time_budget_plans_whole_epochs_and_restores_the_initial_weights(cifar_folder):
     config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS])
-    trainer = chc.Trainer(config, chc.load_cifar100(cifar_folder), log=lambda *_: None)
+    trainer = chc.Trainer(config, chc.load_cifar(cifar_folder), log=lambda *_: None)
     initial = trainer.model.get_weights()
     full = trainer.train_pipeline.steps_per_epoch()
     trainer.plan_time_budget(seconds=30, test_images=200)
@@ -155,14 +155,14 @@ def test_time_budget_plans_whole_epochs_and_restores_the_initial_weights(cifar_f
 
 def test_time_budget_too_small_is_a_clear_error(cifar_folder):
     config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS])
-    trainer = chc.Trainer(config, chc.load_cifar100(cifar_folder), log=lambda *_: None)
+    trainer = chc.Trainer(config, chc.load_cifar(cifar_folder), log=lambda *_: None)
     with pytest.raises(chc.InputError, match="no time to train"):
         trainer.plan_time_budget(seconds=0.5, test_images=200)
 
 
 def test_flip_tta_averages_each_image_and_its_mirror(cifar_folder):
     config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS])
-    trainer = chc.Trainer(config, chc.load_cifar100(cifar_folder), log=lambda *_: None)
+    trainer = chc.Trainer(config, chc.load_cifar(cifar_folder), log=lambda *_: None)
     images = trainer.x_val[:40]
     plain = chc.predict_probabilities(trainer.model, images, batch_size=16)
     tta = chc.predict_probabilities(trainer.model, images, batch_size=16, tta=True)
@@ -195,7 +195,7 @@ def test_replan_on_a_jumpy_pace_keeps_the_rate_falling_and_ends_in_time(cifar_fo
     machine). Simulated epochs drive the planner: the learning rate must never rise after the warm-up,
     decay to zero at the last step, and the run must end within its budget."""
     config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS])
-    trainer = chc.Trainer(config, chc.load_cifar100(cifar_folder), log=lambda *_: None)
+    trainer = chc.Trainer(config, chc.load_cifar(cifar_folder), log=lambda *_: None)
     monkeypatch.setattr(trainer.train_pipeline, "steps_per_epoch", lambda: 400)  # room to re-plan either way
     epochs, pace, val_seconds, clock = 12, 0.1, 2.0, [1000.0]
     trainer.epochs, trainer.steps_per_epoch = epochs, 200
@@ -225,7 +225,7 @@ def test_replan_on_a_jumpy_pace_keeps_the_rate_falling_and_ends_in_time(cifar_fo
 
 def test_replan_shrinks_remaining_epochs_when_behind(cifar_folder):
     config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS, "--epochs", "3"])
-    trainer = chc.Trainer(config, chc.load_cifar100(cifar_folder), log=lambda *_: None)
+    trainer = chc.Trainer(config, chc.load_cifar(cifar_folder), log=lambda *_: None)
     trainer.deadline, trainer.reserve_seconds = time.time(), 0.0  # already out of time
     trainer._replan(remaining_epochs=2, train_seconds=1.0, val_seconds=0.1)
     assert trainer.steps_per_epoch == 1
@@ -272,3 +272,20 @@ def test_time_training_step_measures_a_real_step():
     config = chc.parse_config(["--model-size", "small", *TINY_ARGS[2:]])
     seconds = chc.time_training_step(config, repeats=2)
     assert isinstance(seconds, float) and seconds > 0 and math.isfinite(seconds)
+
+
+def test_cifar10_trains_end_to_end_and_evaluates(tmp_path, capsys):
+    from conftest import CIFAR10_NAMES, write_cifar10, write_tarball
+    archive = write_tarball(str(tmp_path / "cifar-10-python.tar.gz"), write_cifar10(str(tmp_path / "extracted")))
+    output = str(tmp_path / "c10.keras")
+    assert chc.main(["--dataset", "cifar10", "--data", archive, "--output", output, *TINY_ARGS]) == 0
+    out = capsys.readouterr().out
+    assert "CIFAR-10: 200 training and 30 test images" in out and "test top-1" in out
+    assert "superclass" not in out and CIFAR10_NAMES[9] in out
+    metrics = json.loads((tmp_path / "c10.metrics.json").read_text())
+    assert "superclass_top1" not in metrics["test"] and list(metrics["per_class"]) == CIFAR10_NAMES
+    model = chc.load_model(output)
+    assert model.output_shape == (None, 10) and model.class_names == CIFAR10_NAMES
+    assert model.get_layer("standardize").mean == chc.DATASETS["cifar10"]["mean"]
+    assert chc.main(["evaluate", "--model", output, "--data", archive]) == 0  # the data set follows the model
+    assert f"{output} on the CIFAR-10 test set (30 images)" in capsys.readouterr().out

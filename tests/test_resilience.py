@@ -146,7 +146,7 @@ def test_signal_mid_epoch_backs_up_and_the_rerun_resumes(tmp_path, slow_folder, 
 
 def test_stop_mid_epoch_resumes_at_the_next_batch(tmp_path, slow_folder):
     config = chc.parse_config(["--data", slow_folder, *FOUR_EPOCHS, "--checkpoint-dir", str(tmp_path / "b")])
-    data = chc.load_cifar100(slow_folder)
+    data = chc.load_cifar(slow_folder)
     chc.set_seeds(config.seed)
     trainer = chc.Trainer(config, data, log=lambda *_: None)
     step = trainer._train_step

@@ -104,7 +104,7 @@ def test_read_image_converts_any_mode_and_size_to_32x32_rgb(tmp_path):
 
 
 def test_predict_json_for_many_formats_with_a_corrupt_file_among_them(tmp_path, model_path, cifar_folder):
-    data = chc.load_cifar100(cifar_folder)
+    data = chc.load_cifar(cifar_folder)
     paths = write_images(str(tmp_path), data)
     result = run_script("predict", *paths, "--model", model_path, "--top", "3", "--json")
     assert result.returncode == 2  # some files failed
@@ -145,7 +145,7 @@ def test_predict_without_a_model_is_a_one_line_error(tmp_path, capsys):
 def test_evaluate_matches_a_direct_computation(model_path, cifar_tarball, capsys):
     assert chc.main(["evaluate", "--model", model_path, "--data", cifar_tarball]) == 0
     stdout = capsys.readouterr().out
-    data = chc.load_cifar100(cifar_tarball)
+    data = chc.load_cifar(cifar_tarball)
     probs = chc.load_model(model_path).predict(data.x_test.astype(np.float32), verbose=0)
     top1 = np.mean(probs.argmax(1) == data.y_test)
     top5 = np.mean([label in np.argsort(-p)[:5] for p, label in zip(probs, data.y_test)])
@@ -214,7 +214,7 @@ def test_the_saved_model_predicts_the_same_classes_under_another_backend(backend
                                                                          cifar_folder):
     if importlib.util.find_spec(backend) is None:
         pytest.skip(f"{backend} is not installed (.ci/run installs torch)")
-    batch = chc.load_cifar100(cifar_folder).x_test[:64]
+    batch = chc.load_cifar(cifar_folder).x_test[:64]
     np.save(tmp_path / "batch.npy", batch)
     expected = chc.load_model(model_path).predict(batch.astype(np.float32), verbose=0).argmax(-1)
     env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": ROOT}
