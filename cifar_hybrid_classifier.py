@@ -15,6 +15,7 @@ things; everything runs from `main()`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import inspect
@@ -33,6 +34,11 @@ import threading
 import time
 import zipfile
 import zlib
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -986,9 +992,14 @@ class Trainer:
                   "partial": partial, "best_accuracy": self.best_accuracy, "history": json.dumps(self.history)}
         for name, value in values.items():
             self.state[name].assign(value)
-        self.backup.save()
+        path = self.backup.save()
         if not self.is_chief:
             shutil.rmtree(self.backup.directory, ignore_errors=True)
+            return
+        # TensorFlow renames its files into place but does not promise they reached the disk.
+        for name in (*tf.io.gfile.glob(path + ".*"), os.path.join(self.backup.directory, "checkpoint")):
+            fsync_path(name)
+        fsync_path(self.backup.directory)
 
     def resume(self):
         """Restore the last backup (unless --fresh); True if this run continues an earlier one."""
@@ -1368,9 +1379,22 @@ def save_plots(history, confusion, class_names, stem):
         plt.close(figure)
 
 
+def fsync_path(path):
+    """Flush a file's data, or a folder's entries, to the disk (what a rename alone does not promise)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomically(path, content):
     """`content` (text, or a function that writes to a file name) into a temporary file beside `path`, then
-    a rename: an interrupted write never leaves half a file and never touches the previous one."""
+    a rename: an interrupted write never leaves half a file and never touches the previous one.
+
+    As databases do it: the file is fsynced before the rename and the folder after it, so even a power
+    cut leaves either the old file or the whole new one under `path` (README, "Interrupting and resuming").
+    """
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     os.close(fd)
@@ -1383,10 +1407,20 @@ def write_atomically(path, content):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's private 0600 would otherwise reach the final file
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(folder)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def fsync_tree(folder):
+    """fsync every file and folder under `folder`, the folders after what they hold."""
+    for root, _, names in os.walk(folder, topdown=False):
+        for name in names:
+            fsync_path(os.path.join(root, name))
+        fsync_path(root)
 
 
 def save_model_atomically(model, path):
@@ -1567,11 +1601,13 @@ def tflite_probabilities(blob, images):
 
 def replace_folder(source, target):
     """Move the finished folder `source` to `target`; a previous `target` is deleted only afterwards."""
-    previous = None
+    parent, previous = os.path.dirname(os.path.abspath(target)), None
+    fsync_tree(source)
     if os.path.exists(target):
-        previous = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(target)))
+        previous = tempfile.mkdtemp(prefix=".old-", dir=parent)
         os.replace(target, os.path.join(previous, "old"))
     os.replace(source, target)
+    fsync_path(parent)
     if previous:
         shutil.rmtree(previous)
 
@@ -1694,6 +1730,49 @@ def set_seeds(seed):
     keras.utils.set_random_seed(seed)  # seeds Python's random, NumPy, TensorFlow and Keras' own generators
 
 
+class RunLock:
+    """One run per output: an exclusive advisory lock (`flock`) on the file `lock` in the backup folder.
+
+    Taken before the backup is read; the kernel drops it when the process ends, however it ends, so
+    a killed run never leaves a stale lock. The file holds the PID of the run that has it.
+    """
+
+    def __init__(self, folder):
+        self.folder, self.path, self.fd = folder, os.path.join(folder, "lock"), None
+
+    def __enter__(self):
+        os.makedirs(self.folder, exist_ok=True)
+        if fcntl is None:  # Windows: no advisory locks
+            return self
+        while self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pid = os.read(fd, 20).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise InputError(f"another run (PID {pid}) is training with the backup in {self.folder}; let "
+                                 "it finish, or give this run another --output") from None
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if os.fstat(fd).st_ino == current:
+                self.fd = fd
+            else:  # a run that just finished removed the file we opened: lock the one there now
+                os.close(fd)
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.fd is not None:
+            os.remove(self.path)
+            os.close(self.fd)
+        if not os.listdir(self.folder):  # a finished run leaves no backup folder
+            os.rmdir(self.folder)
+
+
 def run(config):
     if keras.backend.backend() != "tensorflow":  # the loop uses tf.distribute; a saved model runs anywhere
         raise InputError(f"training needs the TensorFlow backend, not KERAS_BACKEND={keras.backend.backend()}")
@@ -1707,6 +1786,13 @@ def run(config):
                          "its own steps and plan differently); use --epochs")
     if config.data is not None and not os.path.exists(config.data):
         raise InputError(f"--data {config.data}: no such file or folder")
+    # Only the process that keeps the backup locks it (the other workers keep theirs in a temporary folder).
+    with RunLock(config.checkpoint_dir) if is_chief(strategy) else contextlib.nullcontext():
+        return train_and_report(config, strategy)
+
+
+def train_and_report(config, strategy):
+    """Load the data, pick the size, build, resume or plan, fit, evaluate, save: the run after its checks."""
     set_seeds(config.seed)
     started = time.time()
     data = load_cifar(config.data, config.dataset)

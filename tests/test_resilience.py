@@ -95,7 +95,7 @@ def resume_line(stdout):
     return match
 
 
-def test_kill_9_after_epoch_2_resumes_at_epoch_3_on_the_same_schedule(tmp_path, slow_folder, capsys):
+def test_kill_9_after_epoch_2_resumes_at_epoch_3_on_the_same_schedule_and_a_second_run_is_refused(tmp_path, slow_folder, capsys):
     args = ["--data", slow_folder, *FOUR_EPOCHS]
     run_main([*args, "--output", str(tmp_path / "reference.keras")], capsys)
     uninterrupted = read_history(tmp_path / "reference.history.csv")
@@ -104,7 +104,13 @@ def test_kill_9_after_epoch_2_resumes_at_epoch_3_on_the_same_schedule(tmp_path, 
     child = Child([*args, "--output", str(output)], tmp_path / "killed.err")
     try:
         child.wait_for("epoch 2/4")
-        child.proc.send_signal(signal.SIGKILL)
+        child.proc.send_signal(signal.SIGSTOP)  # frozen in epoch 3, still holding its lock
+        # One run per output: a second run on it is refused at once, naming the first.
+        started = time.time()
+        error = main_error([*args, "--output", str(output)], capsys)
+        assert time.time() - started < 5
+        assert f"another run (PID {child.proc.pid})" in error and "another --output" in error
+        child.proc.send_signal(signal.SIGKILL)  # the kernel drops its lock: the rerun below takes it
     finally:
         child.close()
     assert child.proc.returncode == -signal.SIGKILL
@@ -362,3 +368,49 @@ def test_damaged_model_files_are_clear_errors(tmp_path):
                           (tmp_path / "nope.keras", "no such model file")):
         with pytest.raises(chc.InputError, match=message):
             chc.load_model(str(path))
+
+
+@pytest.fixture
+def syscalls(monkeypatch):
+    """Records os.fsync (by the path its descriptor was opened with) and os.replace, in call order."""
+    calls, opened = [], {}
+    real_open, real_fsync, real_replace = os.open, os.fsync, os.replace
+
+    def recording_open(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        opened[fd] = os.path.abspath(path)
+        return fd
+
+    def recording_fsync(fd):
+        calls.append(("fsync", opened.get(fd)))
+        real_fsync(fd)
+
+    def recording_replace(source, target, **kwargs):
+        calls.append(("replace", os.path.abspath(source), os.path.abspath(target)))
+        real_replace(source, target, **kwargs)
+
+    monkeypatch.setattr(os, "open", recording_open)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    return calls
+
+
+def test_saving_flushes_the_file_then_renames_then_flushes_the_folder(tmp_path, syscalls):
+    path = str(tmp_path / "m.keras")
+    chc.save_model_atomically(chc.build_model(chc.parse_config(TINY_ARGS)), path)
+    renames = [call for call in syscalls if call[0] == "replace"]
+    assert len(renames) == 1 and renames[0][2] == path
+    temporary = renames[0][1]
+    assert syscalls == [("fsync", temporary), renames[0], ("fsync", str(tmp_path))]
+
+
+def test_a_backup_save_flushes_its_files_and_folder(tmp_path, cifar_folder, syscalls):
+    folder = str(tmp_path / "b")
+    config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS, "--checkpoint-dir", folder])
+    trainer = chc.Trainer(config, chc.load_cifar(cifar_folder), log=lambda *_: None)
+    del syscalls[:]
+    trainer._save_backup(0, 0)
+    written = sorted(os.path.join(folder, name) for name in os.listdir(folder))
+    flushed = [path for kind, path, *_ in syscalls if kind == "fsync"]
+    assert sorted(flushed[:-1]) == written and flushed[-1] == folder  # every file, then the folder
+
