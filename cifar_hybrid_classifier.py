@@ -315,11 +315,15 @@ class _CifarUnpickler(pickle.Unpickler):
 def _unpickle(raw, member):
     try:
         obj = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
-    except Exception as exc:
-        raise InputError(f"'{member}' is not a valid CIFAR pickle ({exc})") from None
+    except Exception as exc:  # the reason in one line: some of pickle's messages span two
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise InputError(f"'{member}' is not a valid CIFAR pickle ({reason})") from None
     if not isinstance(obj, dict):
         raise InputError(f"'{member}' holds a {type(obj).__name__}, expected a dict")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+MAX_MEMBER_BYTES = 1 << 28  # 256 MiB; the largest official member, CIFAR-100's train, has 155 MB
 
 
 def _read_members(path, spec):
@@ -334,6 +338,8 @@ def _read_members(path, spec):
             member = os.path.join(folder, name)
             if not os.path.isfile(member):
                 raise InputError(f"{path}: no '{name}' file; expected the extracted {spec['folder']} folder")
+            if os.path.getsize(member) > MAX_MEMBER_BYTES:
+                raise InputError(f"{member}: {os.path.getsize(member):,} bytes, more than any {spec['name']} file")
             try:
                 with open(member, "rb") as f:
                     raw[name] = f.read()
@@ -349,6 +355,9 @@ def _read_members(path, spec):
             for member in archive:
                 name = member.name.rsplit("/", 1)[-1]
                 if member.isfile() and name in wanted and name not in raw:
+                    if member.size > MAX_MEMBER_BYTES:  # read before it is believed: no huge allocation
+                        raise InputError(f"{path}: '{member.name}' declares {member.size:,} bytes, more than "
+                                         f"any {spec['name']} file")
                     raw[name] = archive.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__

@@ -1,14 +1,15 @@
 """The CIFAR-100 and CIFAR-10 loader: both layouts, and clear errors for everything else."""
 
 import os
-import re
 import pickle
+import re
+import sys
 
 import numpy as np
 import pytest
 
 import cifar_hybrid_classifier as chc
-from conftest import (CIFAR10_NAMES, COARSE_NAMES, FINE_NAMES, RunsCommand, main_error, make_meta, make_split,
+from conftest import (CIFAR10_NAMES, COARSE_NAMES, FINE_NAMES, ROOT, RunsCommand, main_error, make_meta, make_split,
                       write_cifar10, write_folder, write_tarball)
 
 
@@ -125,3 +126,12 @@ def test_hostile_cifar10_archives_are_one_line_errors(tmp_path, capsys, damage, 
     assert re.search(message, error), error
     with pytest.raises(chc.InputError, match="archive lacks data_batch_1"):  # a CIFAR-100 archive is not one
         chc.load_cifar(write_tarball(str(tmp_path / "c100.tar.gz"), write_folder(str(tmp_path / "c100"))), "cifar10")
+
+
+def test_fuzzed_archives_load_or_are_refused_in_one_line():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import fuzz_loader
+    figures = fuzz_loader.fuzz(cases=300, seed=0, timeout=10.0)  # benchmarks/fuzz_loader.py runs thousands
+    assert figures["failed"] == 0, figures["failures"]  # no other exception, no case past 10 s
+    assert figures["loaded"] + figures["refused"] == 300 and figures["refused"] >= 150
+    assert len(figures["by_kind"]) == 10  # every kind of damage was tried
