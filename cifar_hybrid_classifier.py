@@ -293,11 +293,13 @@ class CifarData:
         return mapping
 
 
-class _CifarUnpickler(pickle.Unpickler):
+class _CifarUnpickler(pickle._Unpickler):
     """Allows only what the official pickles contain: dicts, lists, bytes, ints and NumPy arrays.
 
     A pickle can name any importable callable; refusing everything else stops an
-    untrusted archive from running code while it is read.
+    untrusted archive from running code while it is read. The pure-Python unpickler, as fast
+    here as the C one, keeps its memo in a dict: the C one grows an array to the largest memo
+    index it reads, so one flipped byte could make it allocate gigabytes (benchmarks/fuzz_loader.py).
     """
 
     ALLOWED = {
@@ -312,12 +314,12 @@ class _CifarUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-def _unpickle(raw, member):
+def _unpickle(raw, member, spec):
     try:
         obj = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as exc:  # the reason in one line: some of pickle's messages span two
         reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise InputError(f"'{member}' is not a valid CIFAR pickle ({reason})") from None
+        raise InputError(f"'{member}' is not a valid {spec['name']} pickle ({reason})") from None
     if not isinstance(obj, dict):
         raise InputError(f"'{member}' holds a {type(obj).__name__}, expected a dict")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
@@ -419,10 +421,10 @@ def load_cifar(path=None, dataset="cifar100"):
             raise InputError(f"could not download {spec['name']} ({exc}); pass --data PATH to a local copy") from None
         path = os.path.join(cache, spec["folder"])
     raw = _read_members(path, spec)
-    train = [_parse_split(_unpickle(raw[name], name), name, spec) for name in spec["train"]]
+    train = [_parse_split(_unpickle(raw[name], name, spec), name, spec) for name in spec["train"]]
     train = [None if parts[0] is None else np.concatenate(parts) for parts in zip(*train)]
-    test = _parse_split(_unpickle(raw[spec["test"]], spec["test"]), spec["test"], spec)
-    meta = _unpickle(raw[spec["meta"]], spec["meta"])
+    test = _parse_split(_unpickle(raw[spec["test"]], spec["test"], spec), spec["test"], spec)
+    meta = _unpickle(raw[spec["meta"]], spec["meta"], spec)
     coarse_names = _parse_names(meta, "coarse_label_names", NUM_COARSE) if train[2] is not None else None
     return CifarData(*train, *test, fine_names=_parse_names(meta, spec["names"], spec["classes"]),
                      coarse_names=coarse_names, name=spec["name"])
@@ -919,13 +921,183 @@ def is_chief(strategy):
     return task_type in (None, "chief") or (task_type == "worker" and task_id == 0 and not has_chief)
 
 
-RESUME_IGNORES = ("data", "output", "checkpoint_dir", "fresh", "tta", "tensorboard")  # options a resumed run may change
+class TrainingBackup:
+    """The training state a rerun resumes from (README, "Interrupting and resuming").
+
+    TensorFlow's CheckpointManager over the weights (with the dropout seed state), the AdamW state,
+    the schedule's moving horizon, the best-validation weights and the progress of `trainer`,
+    whose attributes it reads when saving and sets when restoring. Made anew whenever the trainer
+    makes a new optimizer. `RunLock` keeps a second run away from the same backup.
+    """
+
+    RESUME_IGNORES = ("data", "output", "checkpoint_dir", "fresh", "tta", "tensorboard")  # may change on resume
+
+    @classmethod
+    def fingerprint(cls, config):
+        """The options that shape training, as JSON: a backup resumes only under the same ones."""
+        return json.dumps({k: v for k, v in dataclasses.asdict(config).items() if k not in cls.RESUME_IGNORES},
+                          sort_keys=True)
+
+    def __init__(self, trainer):
+        self.trainer = t = trainer
+        with t.strategy.scope():
+            t.best_weights = [tf.Variable(w, trainable=False) for w in t.model.get_weights()]
+        self.state = {"epoch": tf.Variable(0, dtype=tf.int64), "step": tf.Variable(0, dtype=tf.int64),
+                      "epochs": tf.Variable(0, dtype=tf.int64), "steps_per_epoch": tf.Variable(0, dtype=tf.int64),
+                      "partial": tf.Variable([0.0, 0.0, 0.0], dtype=tf.float64),
+                      "best_accuracy": tf.Variable(-1.0, dtype=tf.float64),
+                      "history": tf.Variable(""), "config": tf.Variable(self.fingerprint(t.config))}
+        # model.variables (not .weights) also holds the dropout seed state.
+        checkpoint = tf.train.Checkpoint(model=list(t.model.variables), optimizer=list(t.optimizer.variables),
+                                         best_weights=t.best_weights, horizon=t.schedule.total_steps,
+                                         warmup=t.schedule.warmup_steps, anchor_step=t.schedule.anchor_step,
+                                         anchor_progress=t.schedule.anchor_progress, **self.state)
+        # Every worker must save (saving may need collectives); only the chief's copy is kept.
+        folder = t.config.checkpoint_dir if t.is_chief else \
+            os.path.join(tempfile.gettempdir(), f"cifar_hybrid-worker-{os.getpid()}")
+        self.manager = tf.train.CheckpointManager(checkpoint, folder, max_to_keep=1)
+
+    def save(self, epoch, step, partial=(0.0, 0.0, 0.0)):
+        """Everything a resumed run needs; the manager writes new files and then swaps its index atomically."""
+        t = self.trainer
+        values = {"epoch": epoch, "step": step, "epochs": t.epochs, "steps_per_epoch": t.steps_per_epoch,
+                  "partial": partial, "best_accuracy": t.best_accuracy, "history": json.dumps(t.history)}
+        for name, value in values.items():
+            self.state[name].assign(value)
+        path = self.manager.save()
+        if not t.is_chief:
+            shutil.rmtree(self.manager.directory, ignore_errors=True)
+            return
+        # TensorFlow renames its files into place but does not promise they reached the disk.
+        for name in (*tf.io.gfile.glob(path + ".*"), os.path.join(self.manager.directory, "checkpoint")):
+            fsync_path(name)
+        fsync_path(self.manager.directory)
+
+    def restore(self):
+        """Restore the last backup (unless --fresh) into the trainer; True if the run continues an earlier one."""
+        t = self.trainer
+        folder = t.config.checkpoint_dir
+        path = tf.train.latest_checkpoint(folder)  # every worker reads the chief's backup
+        if path is None:
+            return False
+        if t.config.fresh:
+            t.log(f"--fresh: ignoring the backup in {folder}")
+            return False
+        try:
+            saved = json.loads(tf.train.load_variable(path, "config/.ATTRIBUTES/VARIABLE_VALUE"))
+            ours = json.loads(self.fingerprint(t.config))
+            changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {v}" for k, v in ours.items() if saved.get(k) != v]
+            if changed:
+                raise InputError(f"the backup in {folder} is from a run with other options ({'; '.join(changed)}); "
+                                 "rerun with the same options to resume, or add --fresh to start over")
+            self.manager.checkpoint.restore(path).assert_existing_objects_matched()
+        except InputError:
+            raise
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"the backup in {folder} is damaged ({reason}); add --fresh to start over") from None
+        state = {name: v.numpy() for name, v in self.state.items()}
+        t.epochs, t.steps_per_epoch = int(state["epochs"]), int(state["steps_per_epoch"])
+        t.total_steps = int(t.schedule.total_steps.numpy())
+        t.start_epoch, t.start_step = int(state["epoch"]), int(state["step"])
+        t.partial, t.best_accuracy = tuple(state["partial"]), float(state["best_accuracy"])
+        t.history = json.loads(state["history"])
+        t.log(f"resuming from the backup in {folder}: epoch {t.start_epoch + 1} of {t.epochs}, "
+              f"{t.start_step} of {t.steps_per_epoch} steps done, learning rate {t.learning_rate():.9g}")
+        return True
+
+    def remove(self):
+        """Delete the files the backup manager wrote (only those: the folder may be the user's)."""
+        folder = self.manager.directory
+        if not self.trainer.is_chief:
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+        for prefix in self.manager.checkpoints:
+            for name in tf.io.gfile.glob(prefix + ".*"):
+                os.remove(name)
+        if os.path.exists(os.path.join(folder, "checkpoint")):
+            os.remove(os.path.join(folder, "checkpoint"))
+        if os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
 
 
-def backup_fingerprint(config):
-    """The options that shape training, as JSON: a backup resumes only under the same ones."""
-    return json.dumps({k: v for k, v in dataclasses.asdict(config).items() if k not in RESUME_IGNORES},
-                      sort_keys=True)
+class TimePlan:
+    """--time-budget: epochs and steps per epoch from the pace measured on this machine, re-planned
+    after every epoch so the run ends within its budget (README, "Training within a time budget").
+
+    It sets `trainer.epochs`, `steps_per_epoch` and `total_steps`, and moves the schedule's horizon.
+    """
+
+    def __init__(self, trainer, deadline, reserve_seconds=0.0):
+        self.trainer, self.deadline, self.reserve_seconds = trainer, deadline, reserve_seconds
+        self.epoch_paces, self.epoch_steps = [], []  # seconds per step and steps of each epoch so far
+
+    @classmethod
+    def measure(cls, trainer, seconds, test_images):
+        """Fix epochs and steps per epoch so training, validation and the test pass fit in `seconds`.
+
+        Times real training steps (then restores the initial weights), one validation pass and
+        the test pass it implies, so the plan holds on whatever hardware runs it.
+        """
+        t = trainer
+        planning_started = time.time()
+        initial = t.model.get_weights()
+        batches = iter(t.strategy.experimental_distribute_dataset(t.train_pipeline.train_dataset(epoch=0)))
+        started = time.time()
+        float(t._train_step(*next(batches))[0])
+        compile_seconds = time.time() - started
+        times = []
+        for _ in range(min(12, t.steps_per_epoch - 1)):
+            started = time.time()
+            float(t._train_step(*next(batches))[0])
+            times.append(time.time() - started)
+        step_seconds = float(np.median(times)) if times else compile_seconds
+        t.predict(t.val_pipeline)  # the first pass also traces the function: time the second
+        started = time.time()
+        t.predict(t.val_pipeline)
+        val_seconds = time.time() - started
+        passes = 2 if t.config.tta else 1
+        test_seconds = passes * val_seconds * (1 + test_images / max(1, len(t.val_pipeline))) + 5.0
+        # 5% margin; the compile is paid again because the real plan gets a fresh step function.
+        left = 0.95 * seconds - (time.time() - planning_started) - compile_seconds - test_seconds
+        full = t.train_pipeline.steps_per_epoch()
+        steps = int(left / step_seconds)
+        epochs = max(1, -(-steps // full))
+        steps = int((left - epochs * val_seconds) / step_seconds)  # validation after every epoch costs too
+        if steps < epochs:
+            raise InputError(f"--time-budget leaves {seconds / 60:.2g} min, no time to train (one step takes "
+                             f"{step_seconds:.2f}s, evaluation {test_seconds:.0f}s); raise the budget")
+        t.epochs, t.steps_per_epoch = epochs, min(full, steps // epochs)
+        t.model.set_weights(initial)
+        t._prepare_training()
+        planned = (time.time() - planning_started + compile_seconds + test_seconds
+                   + t.epochs * (t.steps_per_epoch * step_seconds + val_seconds))
+        t.log(f"time plan: {t.epochs} epoch(s) of {t.steps_per_epoch} steps, about {planned / 60:.1f} "
+              f"minutes ({step_seconds:.3f}s per step, {val_seconds:.0f}s per validation)")
+        return cls(trainer, planning_started + 0.97 * seconds, test_seconds)
+
+    def replan(self, remaining_epochs, train_seconds, val_seconds):
+        """Fit the remaining epochs to the pace measured so far; the schedule's horizon follows.
+
+        The pace is that of every step of this run, not the last epoch's alone: a shared machine's
+        speed jumps from one epoch to the next, and following each jump would resize the epochs back
+        and forth. Only the last epoch plans with the slowest recent pace, so the run ends in time.
+        """
+        t = self.trainer
+        self.epoch_paces.append(train_seconds / t.steps_per_epoch)
+        self.epoch_steps.append(t.steps_per_epoch)
+        step_seconds = float(np.dot(self.epoch_paces, self.epoch_steps) / np.sum(self.epoch_steps))
+        if remaining_epochs == 1:
+            step_seconds = max(step_seconds, *self.epoch_paces[-3:])
+        left = self.deadline - time.time() - self.reserve_seconds
+        steps = int((left / remaining_epochs - val_seconds) / step_seconds)
+        steps = max(1, min(t.train_pipeline.steps_per_epoch(), steps))
+        if steps != t.steps_per_epoch:
+            t.steps_per_epoch = steps
+            t.total_steps = t.global_step() + remaining_epochs * steps
+            t.schedule.retarget(t.global_step(), t.total_steps)
+            t.log(f"re-planned to the measured pace ({step_seconds:.3f}s per step): "
+                  f"{remaining_epochs} more epoch(s) of {steps} steps")
 
 
 class Trainer:
@@ -951,8 +1123,7 @@ class Trainer:
             raise InputError(f"{len(self.train_pipeline)} training images are fewer than one global batch of "
                              f"{self.global_batch}; lower --batch-size")
         self.epochs = config.epochs
-        self.deadline = None  # set by plan_time_budget
-        self.epoch_paces, self.epoch_steps = [], []  # seconds per step and steps of each epoch, for re-plans
+        self.time_plan = None  # with --time-budget: plan_time_budget
         with self.strategy.scope():
             self.model = build_model(config, self.precision, self.replicas > 1, data.fine_names)
         self.loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing,
@@ -972,89 +1143,15 @@ class Trainer:
             self.optimizer = self._make_optimizer()
             self.optimizer.build(self.model.trainable_variables)  # its slots must exist before a restore
         self._train_step = tf.function(self._distributed_train_step)
-        self._make_backup()
-
-    # -- backup and resume: TensorFlow's CheckpointManager (README, "Interrupting and resuming") --
-
-    def _make_backup(self):
-        with self.strategy.scope():
-            self.best_weights = [tf.Variable(w, trainable=False) for w in self.model.get_weights()]
-        self.state = {"epoch": tf.Variable(0, dtype=tf.int64), "step": tf.Variable(0, dtype=tf.int64),
-                      "epochs": tf.Variable(0, dtype=tf.int64), "steps_per_epoch": tf.Variable(0, dtype=tf.int64),
-                      "partial": tf.Variable([0.0, 0.0, 0.0], dtype=tf.float64),
-                      "best_accuracy": tf.Variable(-1.0, dtype=tf.float64),
-                      "history": tf.Variable(""), "config": tf.Variable(backup_fingerprint(self.config))}
-        # model.variables (not .weights) also holds the dropout seed state.
-        checkpoint = tf.train.Checkpoint(model=list(self.model.variables), optimizer=list(self.optimizer.variables),
-                                         best_weights=self.best_weights, horizon=self.schedule.total_steps,
-                                         warmup=self.schedule.warmup_steps, anchor_step=self.schedule.anchor_step,
-                                         anchor_progress=self.schedule.anchor_progress,
-                                         **self.state)
-        # Every worker must save (saving may need collectives); only the chief's copy is kept.
-        folder = self.config.checkpoint_dir if self.is_chief else \
-            os.path.join(tempfile.gettempdir(), f"cifar_hybrid-worker-{os.getpid()}")
-        self.backup = tf.train.CheckpointManager(checkpoint, folder, max_to_keep=1)
-
-    def _save_backup(self, epoch, step, partial=(0.0, 0.0, 0.0)):
-        """Everything a resumed run needs; the manager writes new files and then swaps its index atomically."""
-        values = {"epoch": epoch, "step": step, "epochs": self.epochs, "steps_per_epoch": self.steps_per_epoch,
-                  "partial": partial, "best_accuracy": self.best_accuracy, "history": json.dumps(self.history)}
-        for name, value in values.items():
-            self.state[name].assign(value)
-        path = self.backup.save()
-        if not self.is_chief:
-            shutil.rmtree(self.backup.directory, ignore_errors=True)
-            return
-        # TensorFlow renames its files into place but does not promise they reached the disk.
-        for name in (*tf.io.gfile.glob(path + ".*"), os.path.join(self.backup.directory, "checkpoint")):
-            fsync_path(name)
-        fsync_path(self.backup.directory)
+        self.backup = TrainingBackup(self)
 
     def resume(self):
         """Restore the last backup (unless --fresh); True if this run continues an earlier one."""
-        folder = self.config.checkpoint_dir
-        path = tf.train.latest_checkpoint(folder)  # every worker reads the chief's backup
-        if path is None:
-            return False
-        if self.config.fresh:
-            self.log(f"--fresh: ignoring the backup in {folder}")
-            return False
-        try:
-            saved = json.loads(tf.train.load_variable(path, "config/.ATTRIBUTES/VARIABLE_VALUE"))
-            ours = json.loads(backup_fingerprint(self.config))
-            changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {v}" for k, v in ours.items() if saved.get(k) != v]
-            if changed:
-                raise InputError(f"the backup in {folder} is from a run with other options ({'; '.join(changed)}); "
-                                 "rerun with the same options to resume, or add --fresh to start over")
-            self.backup.checkpoint.restore(path).assert_existing_objects_matched()
-        except InputError:
-            raise
-        except Exception as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputError(f"the backup in {folder} is damaged ({reason}); add --fresh to start over") from None
-        state = {name: v.numpy() for name, v in self.state.items()}
-        self.epochs, self.steps_per_epoch = int(state["epochs"]), int(state["steps_per_epoch"])
-        self.total_steps = int(self.schedule.total_steps.numpy())
-        self.start_epoch, self.start_step = int(state["epoch"]), int(state["step"])
-        self.partial, self.best_accuracy = tuple(state["partial"]), float(state["best_accuracy"])
-        self.history = json.loads(state["history"])
-        self.log(f"resuming from the backup in {folder}: epoch {self.start_epoch + 1} of {self.epochs}, "
-                 f"{self.start_step} of {self.steps_per_epoch} steps done, learning rate {self.learning_rate():.9g}")
-        return True
+        return self.backup.restore()
 
-    def remove_backup(self):
-        """Delete the files the backup manager wrote (only those: the folder may be the user's)."""
-        folder = self.backup.directory
-        if not self.is_chief:
-            shutil.rmtree(folder, ignore_errors=True)
-            return
-        for prefix in self.backup.checkpoints:
-            for name in tf.io.gfile.glob(prefix + ".*"):
-                os.remove(name)
-        if os.path.exists(os.path.join(folder, "checkpoint")):
-            os.remove(os.path.join(folder, "checkpoint"))
-        if os.path.isdir(folder) and not os.listdir(folder):
-            os.rmdir(folder)
+    def plan_time_budget(self, seconds, test_images):
+        """Fix epochs and steps so the run fits in `seconds`, and re-plan after each epoch (`TimePlan`)."""
+        self.time_plan = TimePlan.measure(self, seconds, test_images)
 
     def request_stop(self, signum, frame=None):
         """Signal handler: finish the current batch, back up, exit 128 + signal; a second signal exits at once."""
@@ -1070,48 +1167,6 @@ class Trainer:
             raise TrainingInterrupted(
                 128 + self.stop_signal, f"interrupted by {signal.Signals(self.stop_signal).name}: the training "
                 f"state is saved in {self.config.checkpoint_dir}; run the same command again to resume")
-
-    def plan_time_budget(self, seconds, test_images):
-        """Fix epochs and steps per epoch so training, validation and the test pass fit in `seconds`.
-
-        Times real training steps (then restores the initial weights), one validation pass and
-        the test pass it implies, so the plan holds on whatever hardware runs it.
-        """
-        planning_started = time.time()
-        initial = self.model.get_weights()
-        batches = iter(self.strategy.experimental_distribute_dataset(self.train_pipeline.train_dataset(epoch=0)))
-        started = time.time()
-        float(self._train_step(*next(batches))[0])
-        compile_seconds = time.time() - started
-        times = []
-        for _ in range(min(12, self.steps_per_epoch - 1)):
-            started = time.time()
-            float(self._train_step(*next(batches))[0])
-            times.append(time.time() - started)
-        step_seconds = float(np.median(times)) if times else compile_seconds
-        self.predict(self.val_pipeline)  # the first pass also traces the function: time the second
-        started = time.time()
-        self.predict(self.val_pipeline)
-        val_seconds = time.time() - started
-        passes = 2 if self.config.tta else 1
-        test_seconds = passes * val_seconds * (1 + test_images / max(1, len(self.val_pipeline))) + 5.0
-        # 5% margin; the compile is paid again because the real plan gets a fresh step function.
-        left = 0.95 * seconds - (time.time() - planning_started) - compile_seconds - test_seconds
-        full = self.train_pipeline.steps_per_epoch()
-        steps = int(left / step_seconds)
-        epochs = max(1, -(-steps // full))
-        steps = int((left - epochs * val_seconds) / step_seconds)  # validation after every epoch costs too
-        if steps < epochs:
-            raise InputError(f"--time-budget leaves {seconds / 60:.2g} min, no time to train (one step takes "
-                             f"{step_seconds:.2f}s, evaluation {test_seconds:.0f}s); raise the budget")
-        self.epochs, self.steps_per_epoch = epochs, min(full, steps // epochs)
-        self.deadline, self.reserve_seconds = planning_started + 0.97 * seconds, test_seconds
-        self.model.set_weights(initial)
-        self._prepare_training()
-        planned = (time.time() - planning_started + compile_seconds + test_seconds
-                   + self.epochs * (self.steps_per_epoch * step_seconds + val_seconds))
-        self.log(f"time plan: {self.epochs} epoch(s) of {self.steps_per_epoch} steps, about {planned / 60:.1f} "
-                 f"minutes ({step_seconds:.3f}s per step, {val_seconds:.0f}s per validation)")
 
     def _split(self):
         from sklearn.model_selection import train_test_split
@@ -1191,7 +1246,7 @@ class Trainer:
                 seen += self.global_batch
                 progress.update(step, [("loss", loss_sum / step), ("acc", correct / seen)])
                 if self.stop_signal is not None:
-                    self._save_backup(epoch, step, (loss_sum, correct, seen))
+                    self.backup.save(epoch, step, (loss_sum, correct, seen))
                     self.check_stop()
             train_seconds = time.time() - start
             probs = self.predict(self.val_pipeline)
@@ -1208,14 +1263,14 @@ class Trainer:
                 self.best_accuracy = val_accuracy
                 for best, weight in zip(self.best_weights, self.model.weights):
                     best.assign(weight)
-            self._save_backup(epoch + 1, 0)
+            self.backup.save(epoch + 1, 0)
             self.log(f"epoch {epoch + 1}/{self.epochs}  loss {record['train_loss']:.3f}  "
                      f"train {100 * record['train_accuracy']:.1f}%  val {100 * val_accuracy:.2f}%"
                      f"{' (best)' if improved else ''}  lr {record['learning_rate']:.2e}  "
                      f"{record['seconds']:.0f}s")
             self.check_stop()
-            if self.deadline is not None and epoch + 1 < self.epochs:
-                self._replan(self.epochs - epoch - 1, train_seconds, time.time() - start - train_seconds)
+            if self.time_plan is not None and epoch + 1 < self.epochs:
+                self.time_plan.replan(self.epochs - epoch - 1, train_seconds, time.time() - start - train_seconds)
         if self.history and self.best_accuracy > self.history[-1]["val_accuracy"]:
             self.log(f"restoring the best-validation weights ({100 * self.best_accuracy:.2f}%)")
             self.model.set_weights([w.numpy() for w in self.best_weights])
@@ -1231,28 +1286,6 @@ class Trainer:
                     if name != "epoch":
                         tf.summary.write(name, tf.constant(value, tf.float32), metadata=scalar)
             self.tensorboard.flush()
-
-    def _replan(self, remaining_epochs, train_seconds, val_seconds):
-        """Fit the remaining epochs to the pace measured so far; the schedule's horizon follows.
-
-        The pace is that of every step of this run, not the last epoch's alone: a shared machine's
-        speed jumps from one epoch to the next, and following each jump would resize the epochs back
-        and forth. Only the last epoch plans with the slowest recent pace, so the run ends in time.
-        """
-        self.epoch_paces.append(train_seconds / self.steps_per_epoch)
-        self.epoch_steps.append(self.steps_per_epoch)
-        step_seconds = float(np.dot(self.epoch_paces, self.epoch_steps) / np.sum(self.epoch_steps))
-        if remaining_epochs == 1:
-            step_seconds = max(step_seconds, *self.epoch_paces[-3:])
-        left = self.deadline - time.time() - self.reserve_seconds
-        steps = int((left / remaining_epochs - val_seconds) / step_seconds)
-        steps = max(1, min(self.train_pipeline.steps_per_epoch(), steps))
-        if steps != self.steps_per_epoch:
-            self.steps_per_epoch = steps
-            self.total_steps = self.global_step() + remaining_epochs * steps
-            self.schedule.retarget(self.global_step(), self.total_steps)
-            self.log(f"re-planned to the measured pace ({step_seconds:.3f}s per step): "
-                     f"{remaining_epochs} more epoch(s) of {steps} steps")
 
     def export_model(self):
         """A float32, single-device copy of the trained model: it runs anywhere, under any Keras backend."""
@@ -1842,7 +1875,7 @@ def train_and_report(config, strategy):
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    trainer.remove_backup()
+    trainer.backup.remove()
     if trainer.is_chief:
         print(f"saved the model to {os.path.abspath(config.output)}")
     return results, trainer

@@ -8,7 +8,8 @@ values have other types or shapes, tar members renamed, duplicated, missing, mad
 given a huge declared size. `load_cifar` must then either load it (the damage was harmless, e.g.
 a flipped pixel) or refuse it with an `InputError` of one line, which the command line prints
 as `error: ...` with exit code 2. Anything else is a failure: another exception (a traceback for
-the user) or a case that runs past `--timeout` seconds. The exit code is 1 if any case failed.
+the user), a case that runs past `--timeout` seconds, or one that raises the process's peak
+memory by more than 512 MB. The exit code is 1 if any case failed.
 The test suite runs a fixed-seed sample of these cases (tests/test_data.py).
 """
 
@@ -17,6 +18,7 @@ import gzip
 import json
 import os
 import pickle
+import resource
 import signal
 import sys
 import tarfile
@@ -115,9 +117,16 @@ def _alarm(signum, frame):
     raise Timeout()
 
 
+MEMORY_LIMIT_MB = 512  # a tiny archive needs a few MB; more is a decompression or allocation bomb
+
+
+def peak_memory_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1 << 10)
+
+
 def run_case(path, timeout):
     """("loaded" | "refused" | "failed", detail, seconds) for loading the archive at `path`."""
-    started = time.perf_counter()
+    started, peak_before = time.perf_counter(), peak_memory_mb()
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
@@ -133,6 +142,9 @@ def run_case(path, timeout):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+    grew = peak_memory_mb() - peak_before  # the process's high-water mark: only new peaks count
+    if grew > MEMORY_LIMIT_MB:
+        outcome, detail = "failed", f"memory peak grew by {grew:.0f} MB ({outcome}: {detail})"
     return outcome, detail, time.perf_counter() - started
 
 

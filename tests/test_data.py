@@ -62,7 +62,7 @@ def test_rejects_bad_meta(tmp_path):
 
 def test_rejects_truncated_pickle(tmp_path):
     raw = pickle.dumps(make_split(100, 3), protocol=2)
-    with pytest.raises(chc.InputError, match="not a valid CIFAR pickle"):
+    with pytest.raises(chc.InputError, match="not a valid CIFAR-100 pickle"):
         chc.load_cifar(corrupt(tmp_path, train=raw[: len(raw) // 2]))
 
 

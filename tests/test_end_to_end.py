@@ -201,7 +201,7 @@ def test_replan_on_a_jumpy_pace_keeps_the_rate_falling_and_ends_in_time(cifar_fo
     trainer.epochs, trainer.steps_per_epoch = epochs, 200
     trainer._prepare_training()
     budget = epochs * (200 * pace + val_seconds) / 0.95  # what plan_time_budget would have been given
-    trainer.deadline, trainer.reserve_seconds = clock[0] + 0.97 * budget, 0.0
+    plan = chc.TimePlan(trainer, deadline=clock[0] + 0.97 * budget)
     rates, steps = [], []
     with monkeypatch.context() as m:
         m.setattr(chc.time, "time", lambda: clock[0])
@@ -213,7 +213,7 @@ def test_replan_on_a_jumpy_pace_keeps_the_rate_falling_and_ends_in_time(cifar_fo
             train_seconds = n * pace * (1 if epoch % 2 == 0 else 2)
             clock[0] += train_seconds + val_seconds
             if epoch + 1 < epochs:
-                trainer._replan(epochs - epoch - 1, train_seconds, val_seconds)
+                plan.replan(epochs - epoch - 1, train_seconds, val_seconds)
     peak = int(np.argmax(rates))
     assert rates[peak] == pytest.approx(config.learning_rate, rel=1e-3)
     assert np.all(np.diff(rates[peak:]) <= 1e-9), "the learning rate rose after the warm-up"
@@ -226,8 +226,8 @@ def test_replan_on_a_jumpy_pace_keeps_the_rate_falling_and_ends_in_time(cifar_fo
 def test_replan_shrinks_remaining_epochs_when_behind(cifar_folder):
     config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS, "--epochs", "3"])
     trainer = chc.Trainer(config, chc.load_cifar(cifar_folder), log=lambda *_: None)
-    trainer.deadline, trainer.reserve_seconds = time.time(), 0.0  # already out of time
-    trainer._replan(remaining_epochs=2, train_seconds=1.0, val_seconds=0.1)
+    plan = chc.TimePlan(trainer, deadline=time.time())  # already out of time
+    plan.replan(remaining_epochs=2, train_seconds=1.0, val_seconds=0.1)
     assert trainer.steps_per_epoch == 1
     assert trainer.total_steps == 2 and float(trainer.schedule.total_steps.numpy()) == 2.0
 

@@ -409,7 +409,7 @@ def test_a_backup_save_flushes_its_files_and_folder(tmp_path, cifar_folder, sysc
     config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS, "--checkpoint-dir", folder])
     trainer = chc.Trainer(config, chc.load_cifar(cifar_folder), log=lambda *_: None)
     del syscalls[:]
-    trainer._save_backup(0, 0)
+    trainer.backup.save(0, 0)
     written = sorted(os.path.join(folder, name) for name in os.listdir(folder))
     flushed = [path for kind, path, *_ in syscalls if kind == "fsync"]
     assert sorted(flushed[:-1]) == written and flushed[-1] == folder  # every file, then the folder
