@@ -105,7 +105,8 @@ def free_ports(n):
 
 
 def run_two_workers(tmp_path, args, name, kill_after=None):
-    """Start worker 0 (the chief) and worker 1 on loopback ports, each in its own folder and TMPDIR.
+    """Start worker 0 (the chief) and worker 1 on loopback ports, each in its own folder and TMPDIR (one
+    per run: `name`-tmp0, `name`-tmp1).
 
     Returns the exit codes and logs; with `kill_after`, both are killed (-9) once the chief prints it.
     """
@@ -114,8 +115,8 @@ def run_two_workers(tmp_path, args, name, kill_after=None):
     try:
         for index in range(2):
             (tmp_path / f"worker{index}").mkdir(exist_ok=True)
-            (tmp_path / f"tmp{index}").mkdir(exist_ok=True)
-            env = {**ENV, "TMPDIR": str(tmp_path / f"tmp{index}"),
+            (tmp_path / f"{name}-tmp{index}").mkdir(exist_ok=True)
+            env = {**ENV, "TMPDIR": str(tmp_path / f"{name}-tmp{index}"),
                    "TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})}
             procs.append(subprocess.Popen(
                 [sys.executable, SCRIPT, *args, "--distribute", "multi-worker"], cwd=tmp_path / f"worker{index}",
@@ -136,18 +137,7 @@ def run_two_workers(tmp_path, args, name, kill_after=None):
     return codes, [(tmp_path / f"{name}{i}.txt").read_text() for i in range(2)]
 
 
-def test_two_worker_processes_train_and_only_the_chief_writes(tmp_path, cifar_tarball):
-    codes, logs = run_two_workers(tmp_path, ["--data", cifar_tarball, *TINY_ARGS, "--epochs", "2"], "out")
-    assert codes == [0, 0], [log[-3000:] for log in logs]
-    assert all("over 2 replicas: global batch 64 (32 per replica)" in log for log in logs)
-    (chief, chief_tmp), (worker, worker_tmp) = ((tmp_path / f"worker{i}", tmp_path / f"tmp{i}") for i in range(2))
-    assert sorted(p.name for p in chief.iterdir()) == run_outputs()
-    assert list(worker.iterdir()) == [] and list(worker_tmp.iterdir()) == [] and list(chief_tmp.iterdir()) == []
-    probs = chc.load_model(str(chief / "cifar_hybrid.keras")).predict(np.zeros((2, 32, 32, 3), np.uint8), verbose=0)
-    assert probs.shape == (2, 100)
-
-
-def test_killed_multi_worker_run_resumes_from_the_chiefs_backup(tmp_path, cifar_tarball):
+def test_killed_multi_worker_run_resumes_and_only_the_chief_writes(tmp_path, cifar_tarball):
     # Every worker restores from the chief's backup folder: here a path both can read.
     args = ["--data", cifar_tarball, *TINY_ARGS, "--epochs", "3", "--checkpoint-dir", str(tmp_path / "backup")]
     codes, logs = run_two_workers(tmp_path, args, "killed", kill_after="epoch 1/3")
@@ -155,10 +145,16 @@ def test_killed_multi_worker_run_resumes_from_the_chiefs_backup(tmp_path, cifar_
     codes, logs = run_two_workers(tmp_path, args, "resumed")
     assert codes == [0, 0], [log[-3000:] for log in logs]
     for log in logs:
+        assert "over 2 replicas: global batch 64 (32 per replica)" in log
         assert re.search(r"resuming from the backup in .*: epoch [23] of 3", log), log[-3000:]
         assert "epoch 3/3" in log and "epoch 1/3" not in log
-    assert (tmp_path / "worker0" / "cifar_hybrid.keras").is_file() and not (tmp_path / "backup").exists()
-    assert list((tmp_path / "worker1").iterdir()) == []
+    # Only the chief writes: the run's files in its folder, nothing in the other's, no temporary folders.
+    chief, worker = tmp_path / "worker0", tmp_path / "worker1"
+    assert sorted(p.name for p in chief.iterdir()) == run_outputs() and not (tmp_path / "backup").exists()
+    assert list(worker.iterdir()) == []
+    assert list((tmp_path / "resumed-tmp0").iterdir()) == [] and list((tmp_path / "resumed-tmp1").iterdir()) == []
+    probs = chc.load_model(str(chief / "cifar_hybrid.keras")).predict(np.zeros((2, 32, 32, 3), np.uint8), verbose=0)
+    assert probs.shape == (2, 100)
 
 
 def test_strategy_choice_from_the_environment(monkeypatch):
