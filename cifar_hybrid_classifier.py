@@ -888,6 +888,16 @@ class TrainingDiverged(Exception):
     """A non-finite loss: the command line exits with code 3 and keeps every earlier file."""
 
 
+class PeerLost(Exception):
+    """A multi-worker run lost a worker (its collective failed or timed out): exit code 4, one line."""
+
+
+# A collective that waits longer than this ends the run (PeerLost) instead of hanging on a frozen peer. It
+# must cover the longest time one worker can spend between two collectives while the others wait: the
+# chief's validation pass, backup and final evaluation, seconds to a few minutes on a slow CPU.
+COLLECTIVE_TIMEOUT_SECONDS = 600
+
+
 def make_strategy(name):
     """The `tf.distribute` strategy for --distribute (README, "Training on several GPUs or machines").
 
@@ -904,7 +914,8 @@ def make_strategy(name):
     if name == "multi-worker":
         if workers < 2:
             raise InputError("--distribute multi-worker needs TF_CONFIG naming two or more workers")
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=tf.distribute.experimental.
+                                                         CommunicationOptions(timeout_seconds=COLLECTIVE_TIMEOUT_SECONDS))
     if name == "mirrored":  # all local GPUs; without any, all logical CPU devices
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
         return tf.distribute.MirroredStrategy([d.name for d in devices])
@@ -1864,7 +1875,14 @@ def train_and_report(config, strategy):
     previous = {s: signal.signal(s, trainer.request_stop) for s in (signal.SIGINT, signal.SIGTERM)} \
         if in_main_thread else {}
     try:
-        trainer.fit()
+        try:
+            trainer.fit()
+        except tf.errors.OpError as exc:  # a collective failed: TensorFlow's own detection of a lost peer
+            if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+                raise
+            raise PeerLost(f"lost a peer worker (a collective operation failed: {type(exc).__name__}); rerun every "
+                           f"worker with the same command to resume from the chief's last backup in "
+                           f"{config.checkpoint_dir}") from None
         model = trainer.export_model()
         results = evaluate_on_test_set(trainer, model, data, started)
         trainer.check_stop()  # the backup already holds the finished training
@@ -2073,9 +2091,9 @@ def main(argv=None):
             return 0
         return {"predict": predict_images, "explain": explain_files, "evaluate": evaluate_model,
                 "export": export_files}[command](args)
-    except (InputError, TrainingDiverged) as exc:
+    except (InputError, TrainingDiverged, PeerLost) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 3 if isinstance(exc, TrainingDiverged) else 2
+        return 3 if isinstance(exc, TrainingDiverged) else 4 if isinstance(exc, PeerLost) else 2
     except TrainingInterrupted as exc:
         print(exc, file=sys.stderr)
         return exc.exit_code
