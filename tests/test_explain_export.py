@@ -131,6 +131,6 @@ def test_export_errors_are_one_line(tmp_path, model_path, capsys, monkeypatch):
     # An export that differs by more than the tolerance (here: a tolerance below any difference) is
     # refused, and nothing is written.
     monkeypatch.setattr(chc, "EXPORT_TOLERANCE", -1.0)
-    assert "broken export" in main_error(["export", "--model", model_path, "--format", "tflite", "--output",
+    assert "broken export" in main_error(["export", "--model", model_path, "--format", "savedmodel", "--output",
                                           str(tmp_path / "served")], capsys)
     assert os.listdir(tmp_path) == []

@@ -97,9 +97,6 @@ def resume_line(stdout):
 
 def test_kill_9_after_epoch_2_resumes_at_epoch_3_on_the_same_schedule_and_a_second_run_is_refused(tmp_path, slow_folder, capsys):
     args = ["--data", slow_folder, *FOUR_EPOCHS]
-    run_main([*args, "--output", str(tmp_path / "reference.keras")], capsys)
-    uninterrupted = read_history(tmp_path / "reference.history.csv")
-
     output = tmp_path / "cifar_hybrid.keras"
     child = Child([*args, "--output", str(output)], tmp_path / "killed.err")
     try:
@@ -116,16 +113,18 @@ def test_kill_9_after_epoch_2_resumes_at_epoch_3_on_the_same_schedule_and_a_seco
     assert child.proc.returncode == -signal.SIGKILL
     assert (tmp_path / "cifar_hybrid.backup" / "checkpoint").is_file() and not output.exists()
 
-    resumed = run_script(*args, "--output", str(output))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    match = resume_line(resumed.stdout)
-    assert (match[1], match[2], match[3]) == ("3", "4", "0")
-    # The first resumed step uses the rate the uninterrupted run had after epoch 2.
-    assert float(match[5]) == pytest.approx(float(uninterrupted[1]["learning_rate"]), rel=1e-6)
-    assert re.findall(r"^epoch (\d)/4", resumed.stdout, re.M) == ["3", "4"]
+    resumed = run_main([*args, "--output", str(output)], capsys)
+    match = resume_line(resumed)
+    assert (match[1], match[2], match[3], match[4]) == ("3", "4", "0", "37")
+    # The schedule an uninterrupted run follows: warm-up over a tenth of the 4 x 37 steps, then cosine.
+    uninterrupted = chc.WarmupCosine(peak=0.002, total_steps=4 * 37, warmup_fraction=0.1)
+    # The first resumed step uses the rate an uninterrupted run has after epoch 2, and so on to the end.
+    assert float(match[5]) == pytest.approx(float(uninterrupted(2 * 37)), rel=1e-6)
+    assert re.findall(r"^epoch (\d)/4", resumed, re.M) == ["3", "4"]
     history = read_history(tmp_path / "cifar_hybrid.history.csv")
     assert [h["epoch"] for h in history] == ["1", "2", "3", "4"]
-    assert [h["learning_rate"] for h in history] == [h["learning_rate"] for h in uninterrupted]
+    assert [float(h["learning_rate"]) for h in history] == pytest.approx(
+        [float(uninterrupted(epoch * 37)) for epoch in range(1, 5)], rel=1e-6, abs=1e-12)
     assert output.is_file() and not (tmp_path / "cifar_hybrid.backup").exists()
 
 
@@ -215,8 +214,8 @@ def test_nan_loss_stops_with_exit_3_and_keeps_earlier_files(tmp_path, slow_folde
         m.setattr(chc.Trainer, "_distributed_train_step", poisoned)
         assert "epoch 2, batch 13" in main_error(args, capsys, code=3)
     assert output.read_bytes() == b"an earlier model"
-    output.unlink()
-    assert resume_line(run_main(args, capsys))[1] == "2"  # the epoch-1 backup is intact and resumes
+    trainer = chc.Trainer(chc.parse_config(args), chc.load_cifar(slow_folder), log=lambda *_: None)
+    assert trainer.resume() and (trainer.start_epoch, trainer.start_step) == (1, 0)  # the epoch-1 backup is intact
 
 
 # ---- hostile input: exit 2, one line, no traceback, before any training ----
@@ -342,11 +341,10 @@ def test_paths_and_options(tmp_path, cifar_folder, monkeypatch, capsys):
 
 def test_backup_from_other_options_or_damaged_is_refused(tmp_path, slow_folder, capsys):
     args = ["--data", slow_folder, *FOUR_EPOCHS, "--output", str(tmp_path / "m.keras")]
-    child = Child(args, tmp_path / "killed.err")
-    try:
-        child.wait_for("epoch 1/4")
-    finally:
-        child.close()
+    trainer = chc.Trainer(chc.parse_config(args), chc.load_cifar(slow_folder), log=lambda *_: None)
+    trainer.request_stop(signal.SIGINT)  # as if interrupted in the first step: a backup of that step
+    with pytest.raises(chc.TrainingInterrupted):
+        trainer.fit()
 
     # In-process `main`: the checks run before any training step.
     assert "--learning-rate 0.002 -> 0.01" in main_error([*args, "--learning-rate", "0.01"], capsys)
