@@ -1442,7 +1442,7 @@ def fsync_path(path):
 
 
 def write_atomically(path, content):
-    """`content` (text, or a function that writes to a file name) into a temporary file beside `path`, then
+    """`content` (text, bytes, or a function that writes to a file name) into a temporary file beside `path`, then
     a rename: an interrupted write never leaves half a file and never touches the previous one.
 
     As databases do it: the file is fsynced before the rename and the folder after it, so even a power
@@ -1454,6 +1454,9 @@ def write_atomically(path, content):
     try:
         if callable(content):
             content(tmp)
+        elif isinstance(content, bytes):
+            with open(tmp, "wb") as f:
+                f.write(content)
         else:
             with open(tmp, "w", newline="") as f:
                 f.write(content)
@@ -1612,8 +1615,7 @@ def write_explanation(path, panels, titles, top3):
     except ImportError:
         gap = np.full((panels[0].shape[0], 8, 3), 255, np.uint8)
         row = np.concatenate([part for panel in panels for part in (gap, panel)][1:], axis=1)
-        png = tf.io.encode_png(row).numpy()
-        write_atomically(path, lambda tmp: open(tmp, "wb").write(png))
+        write_atomically(path, tf.io.encode_png(row).numpy())
         return
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3 * (len(panels) + 1), 3.4), dpi=100)
     for ax, panel, title in zip(axes, panels, titles):
@@ -2047,7 +2049,7 @@ def export_files(args):
         if "savedmodel" in formats:
             replace_folder(savedmodel, targets["savedmodel"])
         if "tflite" in formats:
-            write_atomically(targets["tflite"], lambda tmp: open(tmp, "wb").write(blob))
+            write_atomically(targets["tflite"], blob)
     for name in formats:
         size = folder_bytes(targets[name]) if name == "savedmodel" else os.path.getsize(targets[name])
         print(f"wrote {targets[name]} ({size / 1e6:.1f} MB)")
