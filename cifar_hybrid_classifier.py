@@ -1992,8 +1992,9 @@ def explain_files(args):
     results, images = read_image_files(args.images)
     read = [r for r in results if "error" not in r]
     if images:
-        probs, rollout, gradcam = explain_images(model, np.stack(images))
-        if np.abs(probs - predict_probabilities(model, np.stack(images))).max() > 1e-4:
+        images = np.stack(images)
+        probs, rollout, gradcam = explain_images(model, images)
+        if np.abs(probs - predict_probabilities(model, images)).max() > 1e-4:
             raise InputError(f"{args.model}: its layers do not join the way explain expects")
         for i, result in enumerate(read):
             result["predictions"] = top_classes(model, probs[i], 3)

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 import cifar_hybrid_classifier as chc
-from conftest import FINE_NAMES, ROOT, TINY_ARGS
+from conftest import FINE_NAMES, ROOT
 
 SCRIPT = os.path.join(ROOT, "cifar_hybrid_classifier.py")
 
