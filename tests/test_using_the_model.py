@@ -187,14 +187,17 @@ def test_class_names_travel_inside_the_saved_model(model_path):
         chc.FusionHead(class_names=["a", "b", "c"])
 
 
-def test_a_model_saved_by_the_previous_version_loads_and_predicts_as_it_did():
-    """The file was saved before the shared stem existed (ViT on raw pixel patches, CNN with its own stem)."""
+@pytest.mark.parametrize("name, has_stem", [
+    ("previous_version", False),     # saved by 09306a9, before the shared stem (ViT on raw pixel patches)
+    ("shared_stem_version", True),   # saved by 093f023: the shared stem's conv3x3 at 32x32, then max-pool
+])
+def test_a_model_saved_by_an_earlier_version_loads_and_predicts_as_it_did(name, has_stem):
     folder = os.path.join(ROOT, "tests", "data")
-    model = chc.load_model(os.path.join(folder, "previous_version.keras"))
-    assert not any(isinstance(layer, chc.ConvStem) for layer in model.layers)
+    model = chc.load_model(os.path.join(folder, f"{name}.keras"))
+    assert any(isinstance(layer, chc.ConvStem) for layer in model.layers) == has_stem
     assert model.class_names[:2] == ["class_0", "class_1"]
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("uint8")
-    expected = np.load(os.path.join(folder, "previous_version_probs.npy"))
+    expected = np.load(os.path.join(folder, f"{name}_probs.npy"))
     np.testing.assert_allclose(model.predict(images, verbose=0), expected, atol=1e-5)
 
 
