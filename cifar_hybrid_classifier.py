@@ -108,6 +108,7 @@ MODEL_SIZES = {
     "large": {"stem_width": 48, "cnn_widths": (192, 384), "embed_dim": 192, "depth": 4, "num_heads": 6,
               "head_units": 384},
 }
+STEM_KINDS = ("patch", "pool", "full")
 # With --time-budget: the base size trained 12 epochs is the one-hour recipe of the slow machines,
 # and five times the epochs bought that size only five points, so more time buys a larger size first.
 MIN_EPOCHS_PER_SIZE = 12
@@ -167,11 +168,12 @@ class Config:
                               "--time-budget the largest size this machine trains for at least "
                               f"{MIN_EPOCHS_PER_SIZE} epochs in the budget", str,
                               choices=("auto", *MODEL_SIZES))
-    stem_width: int = _option(32, "channels of the convolutional stem both branches read (full-resolution "
-                              "conv, then a conv stage down to 16x16); 0: no shared stem, the ViT embeds raw "
-                              "pixel patches", _non_negative_int)
-    stem_full_resolution_conv: bool = _option(False, "one more conv3x3 (with batch norm and ReLU) at full "
-                                              "resolution at the start of the stem: a quarter slower")
+    stem_width: int = _option(32, "channels of the convolutional stem both branches read (32x32 image to a "
+                              "16x16 feature map); 0: no shared stem, the ViT embeds raw pixel patches",
+                              _non_negative_int)
+    stem: str = _option("patch", "how the stem halves the resolution; patch: a 2x2 stride-2 conv, then a "
+                        "conv3x3 at 16x16; pool: a conv3x3 at 32x32, max-pool, conv3x3 (the previous stem); "
+                        "full: pool with one more conv3x3 at 32x32 first", str, choices=STEM_KINDS)
     cnn_widths: tuple = _option((128, 256), "channels of the CNN branch's stages after the stem; each stage "
                                 "halves the resolution", _widths)
     patch_size: int = _option(4, "ViT patch size in pixels of its input, the stem's 16x16 feature map (the "
@@ -595,41 +597,53 @@ class TransformerEncoderBlock(layers.Layer):
                 "mlp_ratio": self.mlp_ratio, "dropout": self.dropout}
 
 
-def conv_stage(width, policy, synchronized_bn=False, first=False):
+def batch_norm_relu(policy, synchronized_bn=False):
+    """BN then ReLU; across several replicas, batch statistics over the global batch (TensorFlow only)."""
+    return [layers.BatchNormalization(momentum=0.9, synchronized=synchronized_bn, dtype=policy),
+            layers.ReLU(dtype=policy)]
+
+
+def conv_stage(width, policy, synchronized_bn=False, first=False, patch=False):
     """The layers of one CNN stage: conv3x3 -> max-pool -> BN -> ReLU -> conv3x3 -> BN -> ReLU.
 
     Pooling right after the first conv makes the second one four times cheaper, which matters on a
-    CPU. `first` puts a full-resolution conv3x3 -> BN -> ReLU in front: the image's own stem.
+    CPU. `patch` halves the resolution with a 2x2 stride-2 conv instead of conv3x3 and max-pool.
+    `first` puts a full-resolution conv3x3 -> BN -> ReLU in front: the image's own stem.
     """
     def conv():
         return layers.Conv2D(width, 3, padding="same", use_bias=False, dtype=policy)
 
-    def bn_relu():  # across several replicas, batch statistics over the global batch (TensorFlow only)
-        return [layers.BatchNormalization(momentum=0.9, synchronized=synchronized_bn, dtype=policy),
-                layers.ReLU(dtype=policy)]
-
-    head = [conv(), *bn_relu()] if first else []
-    return head + [conv(), layers.MaxPooling2D(2, dtype=policy), *bn_relu(), conv(), *bn_relu()]
+    head = [conv(), *batch_norm_relu(policy, synchronized_bn)] if first else []
+    head += [layers.Conv2D(width, 2, strides=2, use_bias=False, dtype=policy)] if patch else \
+        [conv(), layers.MaxPooling2D(2, dtype=policy)]
+    return head + [*batch_norm_relu(policy, synchronized_bn), conv(), *batch_norm_relu(policy, synchronized_bn)]
 
 
 @keras.saving.register_keras_serializable(package="cifar_hybrid")
 class ConvStem(layers.Layer):
-    """The convolutions both branches read: 32x32 image to a 16x16 feature map, one CNN stage.
+    """The convolutions both branches read: 32x32 image to a 16x16 feature map.
 
     The ViT branch then embeds patches of learned features instead of raw pixels (the "hybrid"
     ViT of Dosovitskiy et al. 2020, the convolutional tokenizer of CCT), and the CNN branch
-    continues from the same map, so the two branches pay for these convolutions once. No conv
-    runs at full resolution after the first: on a CPU the batch norm and ReLU over 32x32 maps
-    cost more time than their FLOPs suggest (README, "Ablations").
+    continues from the same map, so the two branches pay for these convolutions once.
+    `kind="patch"` (what `build_model` uses by default) halves the resolution with a 2x2 stride-2
+    conv, so nothing runs at 32x32 but that one cheap conv: on a CPU the convolutions, batch norm
+    and ReLU over 32x32 maps cost far more time than their FLOPs suggest, and the patch stem was
+    also the more accurate in the proxy runs (README, "Ablations"). `kind="pool"` is a conv stage
+    (conv3x3 at 32x32, max-pool, conv3x3), the stem of models saved before the patch stem; "full"
+    puts one more conv3x3 at 32x32 in front of it.
     """
 
-    def __init__(self, width=32, synchronized_bn=False, full_resolution_conv=False, **kwargs):
+    def __init__(self, width=32, synchronized_bn=False, kind=None, full_resolution_conv=False, **kwargs):
         super().__init__(**kwargs)
         self.width = int(width)
         self.synchronized_bn = bool(synchronized_bn)
-        self.full_resolution_conv = bool(full_resolution_conv)
+        # Models saved before `kind` existed have a pool stem, with or without the full-resolution conv.
+        self.kind = kind or ("full" if full_resolution_conv else "pool")
+        if self.kind not in STEM_KINDS:
+            raise ValueError(f"stem kind must be one of {', '.join(STEM_KINDS)}, got {self.kind!r}")
         self.stack = keras.Sequential(conv_stage(self.width, self.dtype_policy, self.synchronized_bn,
-                                                 first=self.full_resolution_conv), name="stem")
+                                                 first=self.kind == "full", patch=self.kind == "patch"), name="stem")
 
     def build(self, input_shape):
         self.stack.build(input_shape)
@@ -639,7 +653,7 @@ class ConvStem(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "width": self.width, "synchronized_bn": self.synchronized_bn,
-                "full_resolution_conv": self.full_resolution_conv}
+                "kind": self.kind}
 
 
 @keras.saving.register_keras_serializable(package="cifar_hybrid")
@@ -780,8 +794,8 @@ def build_model(config, dtype=None, synchronized_bn=False, class_names=None):
     spec = DATASETS[config.dataset]
     inputs = keras.Input(IMAGE_SHAPE, dtype="float32", name="image")
     x = ImageStandardization(spec["mean"], spec["std"], dtype=dtype, name="standardize")(inputs)
-    stem = ConvStem(config.stem_width, synchronized_bn, config.stem_full_resolution_conv, dtype=dtype,
-                    name="stem")(x) if config.stem_width else x
+    stem = ConvStem(config.stem_width, synchronized_bn, config.stem, dtype=dtype, name="stem")(x) \
+        if config.stem_width else x
     features = []
     if config.branches in ("both", "cnn"):
         features.append(CNNBranch(config.cnn_widths, synchronized_bn, stem=not config.stem_width, dtype=dtype,

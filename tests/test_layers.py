@@ -70,8 +70,23 @@ def test_cnn_branch_output_is_a_vector():
     assert len(chc.CNNBranch((8, 16), stem=False).stack.layers) == len(chc.CNNBranch((8, 16)).stack.layers) - 3
 
 
+@pytest.mark.parametrize("kind, convs_at_32", [("patch", 0), ("pool", 1), ("full", 2)])
+def test_each_stem_kind_halves_the_image(kind, convs_at_32):
+    stem = chc.ConvStem(8, kind=kind)
+    assert tuple(round_trip(stem, IMAGES).shape) == (3, 16, 16, 8)
+    convs = [layer for layer in stem.stack.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert [conv.kernel_size for conv in convs[:convs_at_32]] == [(3, 3)] * convs_at_32
+    assert [conv.strides for conv in convs[convs_at_32:]] == [(2, 2) if kind == "patch" else (1, 1), (1, 1)]
+    # A config saved before `kind` existed names the full-resolution conv instead.
+    legacy = {k: v for k, v in stem.get_config().items() if k != "kind"}
+    assert chc.ConvStem.from_config({**legacy, "full_resolution_conv": kind == "full"}).kind == \
+        ("pool" if kind == "patch" else kind)
+    with pytest.raises(ValueError, match="stem kind must be one of patch, pool, full"):
+        chc.ConvStem(8, kind="wide")
+
+
 def test_conv_stem_halves_the_image_and_both_branches_read_it():
-    stem = chc.ConvStem(8)
+    stem = chc.ConvStem(8, kind="patch")
     features = round_trip(stem, IMAGES)
     assert tuple(features.shape) == (3, 16, 16, 8)
     assert tuple(round_trip(chc.CNNBranch((16, 24), stem=False), features).shape) == (3, 24)
@@ -80,6 +95,7 @@ def test_conv_stem_halves_the_image_and_both_branches_read_it():
     model = chc.build_model(chc.parse_config(TINY_ARGS))
     assert [type(layer).__name__ for layer in model.layers[1:]] == \
         ["ImageStandardization", "ConvStem", "CNNBranch", "ViTBranch", "FusionHead"]
+    assert model.get_layer("stem").kind == "patch"
     for branches, kept in [("cnn", "CNNBranch"), ("vit", "ViTBranch")]:
         alone = chc.build_model(chc.parse_config(TINY_ARGS + ["--branches", branches]))
         names = [type(layer).__name__ for layer in alone.layers]
