@@ -70,13 +70,16 @@ def test_cnn_branch_output_is_a_vector():
     assert len(chc.CNNBranch((8, 16), stem=False).stack.layers) == len(chc.CNNBranch((8, 16)).stack.layers) - 3
 
 
-@pytest.mark.parametrize("kind, convs_at_32", [("patch", 0), ("pool", 1), ("full", 2)])
-def test_each_stem_kind_halves_the_image(kind, convs_at_32):
+@pytest.mark.parametrize("kind, convs", [
+    ("patch", [((2, 2), (2, 2)), ((3, 3), (1, 1))]),               # 2x2 stride 2, then conv3x3 at 16x16
+    ("pool", [((3, 3), (1, 1))] * 2),                               # conv3x3, max-pool, conv3x3
+    ("full", [((3, 3), (1, 1))] * 3),                               # one more conv3x3 at 32x32 first
+])
+def test_each_stem_kind_halves_the_image(kind, convs):
     stem = chc.ConvStem(8, kind=kind)
     assert tuple(round_trip(stem, IMAGES).shape) == (3, 16, 16, 8)
-    convs = [layer for layer in stem.stack.layers if isinstance(layer, keras.layers.Conv2D)]
-    assert [conv.kernel_size for conv in convs[:convs_at_32]] == [(3, 3)] * convs_at_32
-    assert [conv.strides for conv in convs[convs_at_32:]] == [(2, 2) if kind == "patch" else (1, 1), (1, 1)]
+    assert [(layer.kernel_size, layer.strides) for layer in stem.stack.layers
+            if isinstance(layer, keras.layers.Conv2D)] == convs
     # A config saved before `kind` existed names the full-resolution conv instead.
     legacy = {k: v for k, v in stem.get_config().items() if k != "kind"}
     assert chc.ConvStem.from_config({**legacy, "full_resolution_conv": kind == "full"}).kind == \
