@@ -84,12 +84,12 @@ def test_each_stem_kind_halves_the_image(kind, convs):
     legacy = {k: v for k, v in stem.get_config().items() if k != "kind"}
     assert chc.ConvStem.from_config({**legacy, "full_resolution_conv": kind == "full"}).kind == \
         ("pool" if kind == "patch" else kind)
-    with pytest.raises(ValueError, match="stem kind must be one of patch, pool, full"):
+    with pytest.raises(ValueError, match="stem kind must be one of pool, patch, full"):
         chc.ConvStem(8, kind="wide")
 
 
 def test_conv_stem_halves_the_image_and_both_branches_read_it():
-    stem = chc.ConvStem(8, kind="patch")
+    stem = chc.ConvStem(8)
     features = round_trip(stem, IMAGES)
     assert tuple(features.shape) == (3, 16, 16, 8)
     assert tuple(round_trip(chc.CNNBranch((16, 24), stem=False), features).shape) == (3, 24)
@@ -98,7 +98,7 @@ def test_conv_stem_halves_the_image_and_both_branches_read_it():
     model = chc.build_model(chc.parse_config(TINY_ARGS))
     assert [type(layer).__name__ for layer in model.layers[1:]] == \
         ["ImageStandardization", "ConvStem", "CNNBranch", "ViTBranch", "FusionHead"]
-    assert model.get_layer("stem").kind == "patch"
+    assert model.get_layer("stem").kind == "pool"
     for branches, kept in [("cnn", "CNNBranch"), ("vit", "ViTBranch")]:
         alone = chc.build_model(chc.parse_config(TINY_ARGS + ["--branches", branches]))
         names = [type(layer).__name__ for layer in alone.layers]
