@@ -160,15 +160,26 @@ def test_time_budget_too_small_is_a_clear_error(cifar_folder):
         trainer.plan_time_budget(seconds=0.5, test_images=200)
 
 
-def test_flip_tta_averages_each_image_and_its_mirror(cifar_folder):
+def test_tta_averages_the_image_its_mirror_and_their_diagonal_shifts(cifar_folder):
     config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS])
     trainer = chc.Trainer(config, chc.load_cifar(cifar_folder), log=lambda *_: None)
     images = trainer.x_val[:40]
     plain = chc.predict_probabilities(trainer.model, images, batch_size=16)
-    tta = chc.predict_probabilities(trainer.model, images, batch_size=16, tta=True)
-    mirrored = trainer.model.predict(images[:, :, ::-1], verbose=0)
+    again, tta = chc.predict_probabilities(trainer.model, images, batch_size=16, tta=True, with_plain=True)
     np.testing.assert_allclose(plain, trainer.model.predict(images, verbose=0), atol=1e-5)
-    np.testing.assert_allclose(tta, (plain + mirrored) / 2, atol=1e-5)
+    np.testing.assert_array_equal(again, plain)
+
+    def moved(x, down, right):  # by hand: reflect-pad one pixel, then cut the window out
+        padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+        return padded[:, 1 - down:33 - down, 1 - right:33 - right]
+
+    # The shift moves the content: pixel (5, 7) of the image is at (6, 8) one pixel down and right.
+    np.testing.assert_array_equal(chc.shifted(images, 1, 1)[:, 6, 8], images[:, 5, 7])
+    np.testing.assert_array_equal(chc.shifted(images, -1, -1)[:, 4, 6], images[:, 5, 7])
+    views = [(1.0, images), (1.0, images[:, :, ::-1])] + [
+        (0.5, moved(x, d, d)) for x in (images, images[:, :, ::-1]) for d in (1, -1)]
+    expected = sum(w * trainer.model.predict(x, verbose=0) for w, x in views) / 4.0
+    np.testing.assert_allclose(tta, expected, atol=1e-5)
     pipeline = chc.AugmentationPipeline(images, trainer.y_val[:40], batch_size=16)
     np.testing.assert_allclose(trainer.predict(pipeline), plain, atol=1e-5)  # the loop's own validation path
 
