@@ -598,10 +598,35 @@ class TransformerEncoderBlock(layers.Layer):
                 "mlp_ratio": self.mlp_ratio, "dropout": self.dropout}
 
 
+@keras.saving.register_keras_serializable(package="cifar_hybrid")
+class FusedBatchNorm(layers.BatchNormalization):
+    """Keras batch normalization that trains with TensorFlow's fused kernel.
+
+    Keras computes the batch statistics and the normalization with separate ops, each a pass over
+    the feature map with its own gradient; the fused kernel is one op forward and one backward,
+    which makes the base model's training step about 17 % faster on a CPU (README, "Throughput").
+    Same weights, same results to float rounding. Inference, the other Keras backends and
+    synchronized statistics take Keras's own path, so a saved model runs anywhere.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable and mask is None and not self.synchronized
+                and not getattr(self, "renorm", False) and self.center and self.scale
+                and len(inputs.shape) == 4 and self.axis in (-1, 3) and keras.backend.backend() == "tensorflow"):
+            return super().call(inputs, training=training, mask=mask)
+        x = tf.cast(inputs, "float32")  # statistics in float32, as Keras does
+        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(x, self.gamma, self.beta, epsilon=self.epsilon,
+                                                             data_format="NHWC", is_training=True)
+        count = tf.cast(tf.size(x) // tf.shape(x)[-1], "float32")
+        variance = variance * (count - 1.0) / count  # the kernel returns the unbiased variance; Keras keeps the biased one
+        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+        return tf.cast(y, self.compute_dtype)
+
+
 def batch_norm_relu(policy, synchronized_bn=False):
     """BN then ReLU; across several replicas, batch statistics over the global batch (TensorFlow only)."""
-    return [layers.BatchNormalization(momentum=0.9, synchronized=synchronized_bn, dtype=policy),
-            layers.ReLU(dtype=policy)]
+    return [FusedBatchNorm(momentum=0.9, synchronized=synchronized_bn, dtype=policy), layers.ReLU(dtype=policy)]
 
 
 def conv_stage(width, policy, synchronized_bn=False, first=False, patch=False):
