@@ -65,12 +65,12 @@ def test_transformer_block_shape_and_residual():
     np.testing.assert_allclose(np.asarray(block(tokens)), tokens, atol=1e-6)
 
 
-def test_fused_batch_norm_trains_like_keras_batch_norm():
+def test_batch_norm_trains_with_the_fused_kernel_like_keras_batch_norm():
     """Same output, gradients and moving statistics as Keras's layer, whose weights it shares."""
     x = tf.constant(RNG.normal(1.0, 3.0, size=(4, 5, 5, 6)), "float32")
     upstream = tf.constant(RNG.normal(size=x.shape), "float32")
     results = []
-    for layer in (keras.layers.BatchNormalization(momentum=0.9), chc.FusedBatchNorm(momentum=0.9)):
+    for layer in (keras.layers.BatchNormalization(momentum=0.9), chc.BatchNormalization(momentum=0.9)):
         layer.build(x.shape)
         layer.set_weights([np.linspace(0.5, 2.0, 6), np.linspace(-1.0, 1.0, 6), np.zeros(6), np.ones(6)])
         with tf.GradientTape() as tape:
@@ -82,8 +82,8 @@ def test_fused_batch_norm_trains_like_keras_batch_norm():
     for keras_value, fused_value in zip(*results):
         np.testing.assert_allclose(np.asarray(fused_value), np.asarray(keras_value), rtol=1e-4, atol=1e-4)
     assert not np.allclose(np.asarray(results[1][4]), 0.0)  # the moving mean moved
-    assert isinstance(chc.ConvStem(8).stack.layers[2], chc.FusedBatchNorm)
-    round_trip(chc.FusedBatchNorm(), IMAGES)
+    assert isinstance(chc.ConvStem(8).stack.layers[2], chc.BatchNormalization)
+    round_trip(chc.BatchNormalization(), IMAGES)
 
 
 def test_cnn_branch_output_is_a_vector():
