@@ -1,5 +1,9 @@
 """Every layer: output shapes, config round trip, and the model's regularization terms."""
 
+import json
+import os
+import sys
+
 import numpy as np
 import pytest
 import keras
@@ -84,6 +88,16 @@ def test_batch_norm_trains_with_the_fused_kernel_like_keras_batch_norm():
     assert not np.allclose(np.asarray(results[1][4]), 0.0)  # the moving mean moved
     assert isinstance(chc.ConvStem(8).stack.layers[2], chc.BatchNormalization)
     round_trip(chc.BatchNormalization(), IMAGES)
+
+
+def test_batch_norm_benchmark_times_both_layers_and_restores_the_fused_one(capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import batch_norm
+    batch_norm.main(["--rounds", "1", *TINY_ARGS])
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["step_ms_keras"] > 0 and figures["step_ms_fused"] > 0 and figures["batch_size"] == 32
+    assert [len(times) for times in figures["rounds_ms"].values()] == [1, 1]
+    assert chc.BatchNormalization is not keras.layers.BatchNormalization
 
 
 def test_cnn_branch_output_is_a_vector():
