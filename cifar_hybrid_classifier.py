@@ -620,7 +620,8 @@ class BatchNormalization(layers.BatchNormalization):
         y, mean, variance = tf.compat.v1.nn.fused_batch_norm(x, self.gamma, self.beta, epsilon=self.epsilon,
                                                              data_format="NHWC", is_training=True)
         count = tf.cast(tf.size(x) // tf.shape(x)[-1], "float32")
-        variance = variance * (count - 1.0) / count  # the kernel returns the unbiased variance; Keras keeps the biased one
+        # The kernel returns the unbiased variance; Keras's moving variance averages the biased one.
+        variance = variance * (count - 1.0) / count
         self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
         self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
         return tf.cast(y, self.compute_dtype)
