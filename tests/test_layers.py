@@ -45,6 +45,15 @@ def test_patch_embedding_shape(patch_size):
     assert tuple(out.shape) == (3, (32 // patch_size) ** 2, 24)
 
 
+def test_patch_embedding_is_the_strided_convolution_of_its_weights():
+    # The layer multiplies flattened patches by the conv kernel; saved models hold that kernel.
+    layer = chc.PatchEmbedding(4, 24)
+    out = np.asarray(layer(IMAGES))
+    conv = np.asarray(layer.projection(IMAGES))
+    np.testing.assert_allclose(out, conv.reshape(3, 64, 24), rtol=1e-4, atol=1e-2)
+    assert layer.projection.kernel.shape == (4, 4, 3, 24)
+
+
 def test_class_token_and_position_embedding():
     tokens = RNG.normal(size=(3, 16, 24)).astype("float32")
     with_cls = round_trip(chc.ClassToken(), tokens)
