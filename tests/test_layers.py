@@ -191,3 +191,4 @@ def test_model_maps_raw_images_to_probabilities():
     assert probs.shape == (3, 100)
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
     np.testing.assert_allclose(model.predict(IMAGES, verbose=0), probs, atol=1e-6)
+

@@ -42,6 +42,17 @@ def test_flip_only_pipeline_is_an_exact_mirror_or_identity():
         assert np.array_equal(image, IMAGES[label]) or np.array_equal(image, IMAGES[label][:, ::-1])
 
 
+def test_crops_are_windows_of_the_reflect_padded_image_at_varied_offsets():
+    x, y = collect(chc.AugmentationPipeline(IMAGES, LABELS, 10, seed=4, flip=False).train_dataset(0))
+    offsets = set()
+    for image, label in zip(x, y):
+        padded = np.pad(IMAGES[label], ((4, 4), (4, 4), (0, 0)), mode="reflect")
+        found = [(i, j) for i in range(9) for j in range(9) if np.array_equal(padded[i:i + 32, j:j + 32], image)]
+        assert found, "a crop that is no window of the padded image"
+        offsets.add(found[0])
+    assert len(offsets) > 20
+
+
 def test_same_seed_and_epoch_repeat_and_epochs_differ():
     pipeline = chc.AugmentationPipeline(IMAGES, LABELS, 10, seed=5, color_jitter=True)
     first, again = collect(pipeline.train_dataset(0)), collect(pipeline.train_dataset(0))
