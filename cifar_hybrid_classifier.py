@@ -175,6 +175,8 @@ class Config:
                         "conv3x3; patch: a 2x2 stride-2 conv, then a conv3x3 at 16x16 (13 %% faster, 1.5 "
                         "points less accurate at 12 epochs); full: pool with one more conv3x3 at 32x32 first",
                         str, choices=STEM_KINDS)
+    whiten_stem: bool = _option(True, "start the stem's first convolution as a whitening of the training "
+                                "images' patches and keep it fixed (README, \"Design\")")
     cnn_widths: tuple = _option((128, 256), "channels of the CNN branch's stages after the stem; each stage "
                                 "halves the resolution", _widths)
     patch_size: int = _option(4, "ViT patch size in pixels of its input, the stem's 16x16 feature map (the "
@@ -856,6 +858,37 @@ def build_model(config, dtype=None, synchronized_bn=False, class_names=None):
     return _with_class_names(keras.Model(inputs, outputs, name="cifar_hybrid"))
 
 
+def whiten_stem(model, images, samples=5000, eps=5e-4):
+    """Set the stem's first convolution to whiten the patches of `images` and freeze it.
+
+    Its filters become the leading eigenvectors of the covariance of the standardized training
+    patches, each scaled by 1/sqrt(eigenvalue) and paired with its negative, so the network starts
+    from decorrelated features instead of random ones (the whitening layer of K. Jordan's airbench,
+    where it cut the epochs to 94 % on CIFAR-10 by 40 %). Frozen, the layer also costs no gradient:
+    the backward pass never reaches the full-resolution input. Filters beyond twice the patch size
+    keep their random start.
+    """
+    conv = model.get_layer("stem").stack.layers[0]
+    standardize = model.get_layer("standardize")
+    kh, kw, channels, filters = conv.kernel.shape
+    covariance = np.zeros((kh * kw * channels,) * 2)
+    count = 0
+    for start in range(0, min(samples, len(images)), 500):
+        x = keras.ops.convert_to_numpy(standardize(images[start:min(samples, start + 500)])).astype(np.float64)
+        windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))[:, ::conv.strides[0],
+                                                                                     ::conv.strides[1]]
+        patches = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, kh * kw * channels)  # the kernel's (kh, kw, c)
+        covariance += patches.T @ patches
+        count += len(patches)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance / count)
+    order = np.argsort(eigenvalues)[::-1][:min(filters // 2, len(eigenvalues))]
+    basis = eigenvectors[:, order] / np.sqrt(eigenvalues[order] + eps)
+    kernel = keras.ops.convert_to_numpy(conv.kernel).reshape(-1, filters)
+    kernel[:, :2 * len(order)] = np.concatenate([basis, -basis], axis=1)
+    conv.kernel.assign(kernel.reshape(kh, kw, channels, filters).astype("float32"))
+    conv.trainable = False
+
+
 def _with_class_names(model):
     heads = [layer for layer in model.layers if isinstance(layer, FusionHead)]
     model.class_names = heads[0].class_names if heads else None
@@ -1199,6 +1232,8 @@ class Trainer:
         self.time_plan = None  # with --time-budget: plan_time_budget
         with self.strategy.scope():
             self.model = build_model(config, self.precision, self.replicas > 1, data.fine_names)
+        if config.whiten_stem and config.stem_width:
+            whiten_stem(self.model, self.x_train)  # a resumed run then restores the same weights over it
         self.loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing,
                                                             reduction=None)
         self.history = []
@@ -1843,6 +1878,8 @@ def time_training_step(config, repeats=5):
     model = build_model(config, resolve_precision(config.precision))
     optimizer = keras.optimizers.AdamW(1e-4)
     images = tf.random.uniform((config.batch_size, *IMAGE_SHAPE), 0, 255)
+    if config.whiten_stem and config.stem_width:
+        whiten_stem(model, images.numpy(), samples=64)  # a fixed layer trains faster: time what will run
     classes = model.output_shape[-1]
     labels = tf.one_hot(tf.random.uniform((config.batch_size,), 0, classes, tf.int32), classes)
 

@@ -192,3 +192,21 @@ def test_model_maps_raw_images_to_probabilities():
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
     np.testing.assert_allclose(model.predict(IMAGES, verbose=0), probs, atol=1e-6)
 
+
+def test_whitened_stem_decorrelates_training_patches_and_is_frozen():
+    config = chc.parse_config(TINY_ARGS)
+    model = chc.build_model(config)
+    rng = np.random.default_rng(1)
+    # Smooth random images: neighbouring pixels and channels correlate, as in photographs.
+    images = np.clip(128 + np.cumsum(rng.normal(0, 12, (64, 32, 32, 3)), axis=2), 0, 255).astype("uint8")
+    conv = model.get_layer("stem").stack.layers[0]
+    trainable_before = len(model.trainable_variables)
+    chc.whiten_stem(model, images)
+    assert not conv.trainable and len(model.trainable_variables) == trainable_before - 1
+    x = np.asarray(model.get_layer("standardize")(images))
+    valid = np.asarray(keras.ops.conv(x, conv.kernel, padding="valid"))
+    pairs = conv.filters // 2
+    features = valid[..., :pairs].reshape(-1, pairs)
+    covariance = features.T @ features / len(features)
+    np.testing.assert_allclose(covariance, np.eye(pairs), atol=0.05)
+    np.testing.assert_allclose(valid[..., pairs:2 * pairs], -valid[..., :pairs], atol=1e-4)
