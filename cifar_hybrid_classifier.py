@@ -865,8 +865,8 @@ def whiten_stem(model, images, samples=5000, eps=5e-4):
     patches, each scaled by 1/sqrt(eigenvalue) and paired with its negative, so the network starts
     from decorrelated features instead of random ones (the whitening layer of K. Jordan's airbench,
     where it cut the epochs to 94 % on CIFAR-10 by 40 %). Frozen, the layer also costs no gradient:
-    the backward pass never reaches the full-resolution input. Filters beyond twice the patch size
-    keep their random start.
+    the backward pass never reaches the full-resolution input. Filters beyond twice the length of a
+    patch (2 x 27 for 3x3 RGB patches) keep their random start.
     """
     conv = model.get_layer("stem").stack.layers[0]
     standardize = model.get_layer("standardize")
