@@ -177,6 +177,8 @@ class Config:
                         str, choices=STEM_KINDS)
     whiten_stem: bool = _option(True, "start the stem's first convolution as a whitening of the training "
                                 "images' patches and keep it fixed (README, \"Design\")")
+    identity_init: bool = _option(True, "start every later conv3x3 of the stem and the CNN branch as a partial "
+                                  "identity (README, \"Design\")")
     cnn_widths: tuple = _option((128, 256), "channels of the CNN branch's stages after the stem; each stage "
                                 "halves the resolution", _widths)
     patch_size: int = _option(4, "ViT patch size in pixels of its input, the stem's 16x16 feature map (the "
@@ -889,6 +891,27 @@ def whiten_stem(model, images, samples=5000, eps=5e-4):
     conv.trainable = False
 
 
+def identity_init(model):
+    """Start every conv3x3 after the first as a partial identity (airbench's dirac initialization).
+
+    Each conv's first min(inputs, outputs) filters pass their input channel through unchanged, the rest
+    keep their random start. A net of plain conv stages without shortcuts then starts out close to a
+    shallow one and trains like it early on; in airbench this cut the epochs to 94 % on CIFAR-10 from
+    21 to 18 on top of the whitening. The stem's first conv (whitened, or reading the image) is left.
+    """
+    convs = [layer for name in ("stem", "cnn_branch") if name in {l.name for l in model.layers}
+             for layer in model.get_layer(name).stack.layers if isinstance(layer, layers.Conv2D)]
+    for conv in convs[1:]:
+        kh, kw, channels, filters = conv.kernel.shape
+        if conv.kernel_size != (3, 3):  # the patch stem's 2x2 conv has no centre tap
+            continue
+        kernel = keras.ops.convert_to_numpy(conv.kernel).copy()
+        n = min(channels, filters)
+        kernel[..., :n] = 0.0
+        kernel[kh // 2, kw // 2, np.arange(n), np.arange(n)] = 1.0
+        conv.kernel.assign(kernel)
+
+
 def _with_class_names(model):
     heads = [layer for layer in model.layers if isinstance(layer, FusionHead)]
     model.class_names = heads[0].class_names if heads else None
@@ -1234,6 +1257,8 @@ class Trainer:
             self.model = build_model(config, self.precision, self.replicas > 1, data.fine_names)
         if config.whiten_stem and config.stem_width:
             whiten_stem(self.model, self.x_train)  # a resumed run then restores the same weights over it
+        if config.identity_init:
+            identity_init(self.model)
         self.loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing,
                                                             reduction=None)
         self.history = []

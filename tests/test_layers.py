@@ -210,3 +210,21 @@ def test_whitened_stem_decorrelates_training_patches_and_is_frozen():
     covariance = features.T @ features / len(features)
     np.testing.assert_allclose(covariance, np.eye(pairs), atol=0.05)
     np.testing.assert_allclose(valid[..., pairs:2 * pairs], -valid[..., :pairs], atol=1e-4)
+
+
+def test_identity_init_passes_channels_through_every_later_conv():
+    model = chc.build_model(chc.parse_config(TINY_ARGS))
+    convs = [layer for name in ("stem", "cnn_branch") for layer in model.get_layer(name).stack.layers
+             if isinstance(layer, keras.layers.Conv2D)]
+    first_before = np.asarray(convs[0].kernel).copy()
+    chc.identity_init(model)
+    np.testing.assert_array_equal(np.asarray(convs[0].kernel), first_before)  # the stem's first conv is left
+    x = RNG.normal(size=(2, 8, 8, 1)).astype("float32")
+    for conv in convs[1:]:
+        channels, filters = conv.kernel.shape[2:]
+        n = min(channels, filters)
+        inputs = np.repeat(x, channels, axis=-1) * np.arange(1, channels + 1, dtype="float32")
+        out = np.asarray(keras.ops.conv(inputs, conv.kernel, padding="same"))
+        np.testing.assert_allclose(out[..., :n], inputs[..., :n], atol=1e-6)
+        if filters > n:  # the filters beyond the identity keep their random start
+            assert np.abs(np.asarray(conv.kernel)[..., n:]).sum() > 0
