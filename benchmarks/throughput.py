@@ -113,8 +113,8 @@ def main(argv=None):
     # ONEDNN_MAX_CPU_ISA=AVX2 makes an AVX-512 machine time like an AVX2-only CPU (the slow class B);
     # oneDNN then has no bf16 matmul and aborts the process on one, so that peak is left out.
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
-    peak_bf16 = matmul_peak_gflops(tf.bfloat16) if isa in ("ALL", "DEFAULT") or isa.startswith(("AVX512", "AVX10")) \
-        else None
+    has_bf16 = isa in ("ALL", "DEFAULT") or isa.startswith(("AVX512", "AVX10"))
+    peak_bf16 = matmul_peak_gflops(tf.bfloat16) if has_bf16 else None
     peak_fp32 = matmul_peak_gflops(tf.float32)
     achieved = train * 3 * flops / 1e9
     print(json.dumps({
