@@ -899,8 +899,8 @@ def identity_init(model):
     shallow one and trains like it early on; in airbench this cut the epochs to 94 % on CIFAR-10 from
     21 to 18 on top of the whitening. The stem's first conv (whitened, or reading the image) is left.
     """
-    convs = [layer for name in ("stem", "cnn_branch") if name in {l.name for l in model.layers}
-             for layer in model.get_layer(name).stack.layers if isinstance(layer, layers.Conv2D)]
+    convs = [layer for part in model.layers if part.name in ("stem", "cnn_branch")
+             for layer in part.stack.layers if isinstance(layer, layers.Conv2D)]
     for conv in convs[1:]:
         kh, kw, channels, filters = conv.kernel.shape
         if conv.kernel_size != (3, 3):  # the patch stem's 2x2 conv has no centre tap
@@ -910,6 +910,14 @@ def identity_init(model):
         kernel[..., :n] = 0.0
         kernel[kh // 2, kw // 2, np.arange(n), np.arange(n)] = 1.0
         conv.kernel.assign(kernel)
+
+
+def initialize_convolutions(model, config, images, samples=5000):
+    """The starts the options ask for: the whitened stem (from `images`) and the identity convolutions."""
+    if config.whiten_stem and config.stem_width:
+        whiten_stem(model, images, samples=samples)
+    if config.identity_init:
+        identity_init(model)
 
 
 def _with_class_names(model):
@@ -1255,10 +1263,7 @@ class Trainer:
         self.time_plan = None  # with --time-budget: plan_time_budget
         with self.strategy.scope():
             self.model = build_model(config, self.precision, self.replicas > 1, data.fine_names)
-        if config.whiten_stem and config.stem_width:
-            whiten_stem(self.model, self.x_train)  # a resumed run then restores the same weights over it
-        if config.identity_init:
-            identity_init(self.model)
+        initialize_convolutions(self.model, config, self.x_train)  # a resumed run restores its weights over these
         self.loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing,
                                                             reduction=None)
         self.history = []
@@ -1903,8 +1908,7 @@ def time_training_step(config, repeats=5):
     model = build_model(config, resolve_precision(config.precision))
     optimizer = keras.optimizers.AdamW(1e-4)
     images = tf.random.uniform((config.batch_size, *IMAGE_SHAPE), 0, 255)
-    if config.whiten_stem and config.stem_width:
-        whiten_stem(model, images.numpy(), samples=64)  # a fixed layer trains faster: time what will run
+    initialize_convolutions(model, config, images.numpy(), samples=64)  # a fixed stem trains faster: time that
     classes = model.output_shape[-1]
     labels = tf.one_hot(tf.random.uniform((config.batch_size,), 0, classes, tf.int32), classes)
 
