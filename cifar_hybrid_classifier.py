@@ -161,6 +161,8 @@ class Config:
     crop_padding: int = _option(4, "pixels of padding before the random 32x32 crop (0 disables)", int)
     flip: bool = _option(True, "random horizontal flips")
     color_jitter: bool = _option(False, "random brightness and contrast jitter")
+    cutout: int = _option(0, "side in pixels of a square hidden at a random place in each training image, "
+                          "filled with the training images' mean colour (0 disables)", int)
     tta: bool = _option(True, "test-time augmentation in the final evaluation: average the predictions for "
                         "each image, its mirror image, and both shifted one pixel diagonally each way")
     # Architecture (a named size sets the options below that the command line leaves open)
@@ -244,6 +246,8 @@ def parse_config(argv=None):
         apply_model_size(config, config.sizes[0])
     if config.crop_padding < 0 or config.crop_padding >= IMAGE_SHAPE[0]:  # reflection needs a wider image
         parser.error(f"--crop-padding must be between 0 and {IMAGE_SHAPE[0] - 1}, got {config.crop_padding}")
+    if config.cutout < 0 or config.cutout >= IMAGE_SHAPE[0]:  # a whole-image square would hide everything
+        parser.error(f"--cutout must be between 0 and {IMAGE_SHAPE[0] - 1}, got {config.cutout}")
     if config.checkpoint_dir is None:
         config.checkpoint_dir = os.path.splitext(config.output)[0] + ".backup"
     if os.path.abspath(config.checkpoint_dir) == os.path.abspath(config.output):
@@ -450,7 +454,8 @@ class AugmentationPipeline:
     however many threads map them.
     """
 
-    def __init__(self, images, labels, batch_size, seed=0, crop_padding=4, flip=True, color_jitter=False):
+    def __init__(self, images, labels, batch_size, seed=0, crop_padding=4, flip=True, color_jitter=False,
+                 cutout=0):
         self.images = tf.constant(images)   # one tensor, gathered by index: no per-epoch copy
         self.labels = tf.constant(labels, dtype=tf.int32)
         self.batch_size = batch_size
@@ -458,6 +463,9 @@ class AugmentationPipeline:
         self.crop_padding = crop_padding
         self.flip = flip
         self.color_jitter = color_jitter
+        self.cutout = cutout
+        # The hidden square gets the mean colour, which the model's standardization maps to zero.
+        self.fill = tf.constant(np.round(np.mean(images, axis=(0, 1, 2))).astype(np.uint8)) if cutout else None
 
     def __len__(self):
         return int(self.labels.shape[0])
@@ -489,6 +497,16 @@ class AugmentationPipeline:
             mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
             x = (x - mean) * contrast + mean
             images = tf.cast(tf.round(tf.clip_by_value(x, 0.0, 1.0) * 255.0), tf.uint8)
+        if self.cutout:
+            # A square wholly inside the image, so every image loses the same area (as in airbench96).
+            s = self.cutout
+            cutout_seed = tf.random.experimental.stateless_split(seeds[3], num=1)[0]
+            corners = tf.random.stateless_uniform((2, n), cutout_seed, 0, IMAGE_SHAPE[0] - s + 1, tf.int32)
+            window = tf.range(IMAGE_SHAPE[0])[None, :]
+            rows = (window >= corners[0][:, None]) & (window < corners[0][:, None] + s)
+            columns = (window >= corners[1][:, None]) & (window < corners[1][:, None] + s)
+            hidden = rows[:, :, None, None] & columns[:, None, :, None]
+            images = tf.where(hidden, self.fill, images)
         return images, tf.gather(self.labels, index)
 
     def train_dataset(self, epoch):
@@ -1253,7 +1271,7 @@ class Trainer:
         self._split()
         self.train_pipeline = AugmentationPipeline(
             self.x_train, self.y_train, self.global_batch, config.seed,
-            config.crop_padding, config.flip, config.color_jitter)
+            config.crop_padding, config.flip, config.color_jitter, config.cutout)
         self.val_pipeline = AugmentationPipeline(self.x_val, self.y_val, config.batch_size)
         self.steps_per_epoch = self.train_pipeline.steps_per_epoch()
         if self.steps_per_epoch < 1:

@@ -69,3 +69,21 @@ def test_evaluation_batches_are_unchanged_and_complete():
     x, y = collect(pipeline.eval_dataset())
     np.testing.assert_array_equal(x, IMAGES)  # includes the final partial batch of 4
     np.testing.assert_array_equal(y, LABELS)
+
+
+def test_cutout_hides_one_whole_square_per_image_in_the_mean_colour():
+    pipeline = chc.AugmentationPipeline(IMAGES, LABELS, 10, seed=7, crop_padding=0, flip=False, cutout=8)
+    fill = np.round(IMAGES.mean(axis=(0, 1, 2))).astype(np.uint8)
+    x, y = collect(pipeline.train_dataset(0))
+    corners = set()
+    for image, label in zip(x, y):
+        hidden = np.any(image != IMAGES[label], axis=-1)
+        rows, columns = np.nonzero(hidden)
+        top, left = rows.min(), columns.min()
+        square = np.zeros_like(hidden)
+        square[top:top + 8, left:left + 8] = True
+        assert top + 8 <= 32 and left + 8 <= 32
+        assert not np.any(hidden & ~square)  # nothing outside one 8x8 square changed
+        np.testing.assert_array_equal(image[top:top + 8, left:left + 8], np.broadcast_to(fill, (8, 8, 3)))
+        corners.add((top, left))
+    assert len(corners) > 20
