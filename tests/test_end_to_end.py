@@ -300,3 +300,20 @@ def test_cifar10_trains_end_to_end_and_evaluates(tmp_path, capsys):
     assert model.get_layer("standardize").mean == chc.DATASETS["cifar10"]["mean"]
     assert chc.main(["evaluate", "--model", output, "--data", archive]) == 0  # the data set follows the model
     assert f"{output} on the CIFAR-10 test set (30 images)" in capsys.readouterr().out
+
+
+def test_batch_norm_shifts_take_a_multiple_of_the_learning_rate(cifar_folder):
+    # No warm-up: the first step runs at the peak rate, and AdamW's first step moves every weight
+    # by the rate times |g| / (|g| + epsilon), the rate itself unless the gradient is tiny, so each
+    # layer's largest move shows its rate.
+    config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS, "--warmup-fraction", "0",
+                               "--learning-rate", "0.01", "--shift-lr-scale", "8"])
+    trainer = chc.Trainer(config, chc.load_cifar(cifar_folder), log=lambda *_: None)
+    norms = [layer for layer in trainer.model._flatten_layers() if isinstance(layer, chc.BatchNormalization)]
+    assert norms
+    before = [(n.beta.numpy(), n.gamma.numpy()) for n in norms]
+    images, labels = next(iter(trainer.train_pipeline.train_dataset(0)))
+    trainer._train_step(images, labels)
+    for norm, (beta, gamma) in zip(norms, before):
+        assert 0.07 < np.abs(norm.beta.numpy() - beta).max() <= 0.08 * 1.0001
+        assert 0.007 < np.abs(norm.gamma.numpy() - gamma).max() <= 0.01 * 1.0001

@@ -6,6 +6,7 @@ in-process: starting an interpreter with TensorFlow costs seconds, and the code 
 
 import csv
 import errno
+import json
 import os
 import pickle
 import queue
@@ -341,12 +342,21 @@ def test_paths_and_options(tmp_path, cifar_folder, monkeypatch, capsys):
 def test_backup_from_other_options_or_damaged_is_refused(tmp_path, slow_folder, capsys):
     args = ["--data", slow_folder, *FOUR_EPOCHS, "--output", str(tmp_path / "m.keras")]
     trainer = chc.Trainer(chc.parse_config(args), chc.load_cifar(slow_folder), log=lambda *_: None)
+    # As if made by a version before --cutout and --shift-lr-scale: it ran as --cutout 0 --shift-lr-scale 1.
+    older = json.loads(trainer.backup.state["config"].numpy())
+    del older["cutout"], older["shift_lr_scale"]
+    trainer.backup.state["config"].assign(json.dumps(older))
     trainer.request_stop(signal.SIGINT)  # as if interrupted in the first step: a backup of that step
     with pytest.raises(chc.TrainingInterrupted):
         trainer.fit()
 
     # In-process `main`: the checks run before any training step.
-    assert "--learning-rate 0.002 -> 0.01" in main_error([*args, "--learning-rate", "0.01"], capsys)
+    assert main_error(args, capsys).endswith("(--shift-lr-scale 1.0 -> 8.0); rerun with the same options to "
+                                             "resume, or add --fresh to start over")
+    error = main_error([*args, "--shift-lr-scale", "1", "--learning-rate", "0.01"], capsys)
+    assert "(--learning-rate 0.002 -> 0.01);" in error
+    assert "--cutout 0 -> 8" in main_error([*args, "--shift-lr-scale", "1", "--cutout", "8"], capsys)
+    args += ["--shift-lr-scale", "1"]
     for name in os.listdir(tmp_path / "m.backup"):
         if ".data-" in name:
             (tmp_path / "m.backup" / name).write_bytes(b"garbage")
