@@ -361,7 +361,9 @@ def test_backup_from_other_options_or_damaged_is_refused(tmp_path, slow_folder, 
         if ".data-" in name:
             (tmp_path / "m.backup" / name).write_bytes(b"garbage")
     assert "is damaged" in main_error(args, capsys)
-    assert "--fresh: ignoring the backup" in run_main([*args, "--fresh", "--epochs", "1"], capsys)
+    messages = []
+    fresh = chc.Trainer(chc.parse_config([*args, "--fresh"]), chc.load_cifar(slow_folder), log=messages.append)
+    assert not fresh.resume() and any("--fresh: ignoring the backup" in m for m in messages)
 
 
 def test_damaged_model_files_are_clear_errors(tmp_path):
