@@ -518,8 +518,10 @@ class AugmentationPipeline:
         epoch_seed = tf.constant([self.seed * 100_003 + epoch, 0], tf.int64)
         ds = tf.data.Dataset.from_tensor_slices((order[:steps * self.batch_size].reshape(steps, -1),
                                                  tf.range(steps, dtype=tf.int64)))
-        ds = ds.map(lambda index, step: self._augment(index, epoch_seed + tf.stack([0, step])),
-                    num_parallel_calls=tf.data.AUTOTUNE)
+        # Its control flow is Python's: autograph would only spend a second of every start converting it.
+        augment = tf.autograph.experimental.do_not_convert(
+            lambda index, step: self._augment(index, epoch_seed + tf.stack([0, step])))
+        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
         return ds.prefetch(tf.data.AUTOTUNE)
 
     def eval_dataset(self, batch_size=None):
@@ -1318,7 +1320,8 @@ class Trainer:
         self.best_accuracy, self.stop_signal = -1.0, None
         self.tensorboard = tf.summary.create_file_writer(config.tensorboard) \
             if config.tensorboard and self.is_chief else None
-        self._predict_step = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
+        self._predict_step = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True,
+                                         autograph=False)
         self._prepare_training()
 
     def _prepare_training(self):
@@ -1327,7 +1330,7 @@ class Trainer:
         with self.strategy.scope():
             self.optimizer = self._make_optimizer()
             self.optimizer.build(self.model.trainable_variables)  # its slots must exist before a restore
-        self._train_step = tf.function(self._distributed_train_step)
+        self._train_step = tf.function(self._distributed_train_step, autograph=False)
         self.backup = TrainingBackup(self)
 
     def resume(self):
@@ -1960,7 +1963,7 @@ def time_training_step(config, repeats=5):
     classes = model.output_shape[-1]
     labels = tf.one_hot(tf.random.uniform((config.batch_size,), 0, classes, tf.int32), classes)
 
-    @tf.function
+    @tf.function(autograph=False)
     def step():
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(keras.losses.categorical_crossentropy(labels, model(images, training=True)))
