@@ -118,9 +118,11 @@ def main_error(argv, capsys, code=2):
     return errors[0]
 
 
+# No test-time augmentation: its eleven extra passes cost a run seconds that only the tests of the TTA
+# itself (which add --tta) need.
 TINY_ARGS = ["--epochs", "1", "--batch-size", "32", "--validation-split", "0.25", "--precision", "float32",
              "--cnn-widths", "8,16", "--embed-dim", "16", "--depth", "1", "--num-heads", "2",
-             "--head-units", "32", "--patch-size", "8"]
+             "--head-units", "32", "--patch-size", "8", "--no-tta"]
 
 
 @pytest.fixture(scope="session")

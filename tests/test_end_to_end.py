@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -34,13 +35,14 @@ def read_tensorboard_scalars(folder):
 def test_script_trains_reports_and_saves(tmp_path, cifar_tarball):
     output = tmp_path / "cifar_hybrid.keras"
     result = subprocess.run([sys.executable, SCRIPT, "train", "--data", cifar_tarball, "--output", str(output),
-                             *TINY_ARGS, "--epochs", "2", "--tensorboard", str(tmp_path / "logs")],
+                             *TINY_ARGS, "--epochs", "2", "--tta", "--tensorboard", str(tmp_path / "logs")],
                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "precision" in out and "recall" in out and "f1-score" in out
     assert all(name in out for name in (FINE_NAMES[0], FINE_NAMES[57], FINE_NAMES[99]))
     assert "test top-1" in out and "top-5" in out and "superclass top-1" in out
+    assert re.search(r"validation top-1 [\d.]+% plain, [\d.]+% with TTA", out) and "(fine labels, TTA)" in out
     assert "Most confused classes" in out
     assert f"saved the model to {output}" in out
     assert output.is_file() and output.stat().st_size > 10_000
@@ -62,7 +64,7 @@ def test_script_trains_reports_and_saves(tmp_path, cifar_tarball):
     metrics = json.loads((tmp_path / "cifar_hybrid.metrics.json").read_text())
     test = metrics["test"]
     assert set(test) == {"top1", "top5", "superclass_top1", "top1_without_tta", "tta", "images"}
-    assert test["images"] == 200 and 0 <= test["top1"] <= test["top5"] <= 1
+    assert test["images"] == 200 and test["tta"] is True and 0 <= test["top1"] <= test["top5"] <= 1
     assert f"test top-1 {100 * test['top1']:.2f}%  top-5 {100 * test['top5']:.2f}%" in out
     assert list(metrics["per_class"]) == FINE_NAMES
     assert set(metrics["per_class"][FINE_NAMES[3]]) == {"precision", "recall", "f1-score", "support"}
