@@ -1330,6 +1330,7 @@ class Trainer:
         with self.strategy.scope():
             self.optimizer = self._make_optimizer()
             self.optimizer.build(self.model.trainable_variables)  # its slots must exist before a restore
+        # No autograph: the step's control flow is Python's, and converting it cost each start seconds.
         self._train_step = tf.function(self._distributed_train_step, autograph=False)
         self.backup = TrainingBackup(self)
 

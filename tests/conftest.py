@@ -118,8 +118,8 @@ def main_error(argv, capsys, code=2):
     return errors[0]
 
 
-# No test-time augmentation: its eleven extra passes cost a run seconds that only the tests of the TTA
-# itself (which add --tta) need.
+# No test-time augmentation: its extra prediction passes cost each run seconds; the end-to-end test of
+# the script adds --tta, and the TTA's own test calls it directly.
 TINY_ARGS = ["--epochs", "1", "--batch-size", "32", "--validation-split", "0.25", "--precision", "float32",
              "--cnn-widths", "8,16", "--embed-dim", "16", "--depth", "1", "--num-heads", "2",
              "--head-units", "32", "--patch-size", "8", "--no-tta"]
