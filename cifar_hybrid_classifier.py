@@ -522,9 +522,9 @@ class AugmentationPipeline:
         augment = tf.autograph.experimental.do_not_convert(
             lambda index, step: self._augment(index, epoch_seed + tf.stack([0, step])))
         ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-        # No autotuning thread: ending an epoch's iterator waits for it, and on a slow CPU that wait took
-        # 20-30 s at the end of about every second epoch (7 % of the default run's time). The pipeline runs
-        # many times faster than the training step, so the tuning it does gains nothing here.
+        # No autotuning thread: ending an epoch's iterator waits for it, and on the slow class B machine
+        # that wait took 20-33 s at the end of many epochs (4 of the first 5 of a default run). The pipeline
+        # runs many times faster than the training step, so the tuning it does gains nothing here.
         options = tf.data.Options()
         options.autotune.enabled = False
         return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
