@@ -447,6 +447,17 @@ def load_cifar(path=None, dataset="cifar100"):
 # Augmentation pipeline: tf.data over the uint8 arrays, seeded per epoch.
 # ----------------------------------------------------------------------------
 
+def without_autotuning(ds):
+    """`ds` without tf.data's autotuning thread. Ending an iterator waits for that thread: on the slow
+    class B machine the wait took 20-33 s at the end of 4 of the first 5 epochs of a default run, and
+    about 5 s in a third of `model.predict`'s calls (the six-view TTA of 5,000 images: 37-51 s with it,
+    32-36 s without). Every pipeline here runs many times faster than the model it feeds, so the tuning
+    gains nothing."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
+
+
 class AugmentationPipeline:
     """Feeds uint8 batches; the model does its own scaling, so nothing is copied to float32.
 
@@ -522,17 +533,12 @@ class AugmentationPipeline:
         augment = tf.autograph.experimental.do_not_convert(
             lambda index, step: self._augment(index, epoch_seed + tf.stack([0, step])))
         ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-        # No autotuning thread: ending an epoch's iterator waits for it, and on the slow class B machine
-        # that wait took 20-33 s at the end of many epochs (4 of the first 5 of a default run). The pipeline
-        # runs many times faster than the training step, so the tuning it does gains nothing here.
-        options = tf.data.Options()
-        options.autotune.enabled = False
-        return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+        return without_autotuning(ds.prefetch(tf.data.AUTOTUNE))
 
     def eval_dataset(self, batch_size=None):
         """Every image once, in order, unchanged."""
         ds = tf.data.Dataset.from_tensor_slices((self.images, self.labels))
-        return ds.batch(batch_size or self.batch_size).prefetch(tf.data.AUTOTUNE)
+        return without_autotuning(ds.batch(batch_size or self.batch_size).prefetch(tf.data.AUTOTUNE))
 
 
 # ----------------------------------------------------------------------------
@@ -1732,7 +1738,8 @@ def predict_probabilities(model, images, batch_size=256, tta=False, with_plain=F
     """Class probabilities for (N, 32, 32, 3) images; with `tta`, the weighted mean over `TTA_VIEWS` of
     each image and its mirror image. `with_plain` also returns the plain predictions, computed once."""
     def predict(views):
-        return keras.ops.convert_to_numpy(model.predict(views, batch_size=batch_size, verbose=0))
+        batches = without_autotuning(tf.data.Dataset.from_tensor_slices(views).batch(batch_size))
+        return keras.ops.convert_to_numpy(model.predict(batches.prefetch(tf.data.AUTOTUNE), verbose=0))
 
     plain = predict(images)
     probs = plain

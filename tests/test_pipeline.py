@@ -71,6 +71,12 @@ def test_evaluation_batches_are_unchanged_and_complete():
     np.testing.assert_array_equal(y, LABELS)
 
 
+def test_pipelines_run_without_the_autotuning_thread_whose_end_stalls_each_epoch():
+    pipeline = chc.AugmentationPipeline(IMAGES, LABELS, batch_size=32, seed=1)
+    for dataset in (pipeline.train_dataset(epoch=0), pipeline.eval_dataset()):
+        assert dataset.options().autotune.enabled is False
+
+
 def test_cutout_hides_one_whole_square_per_image_in_the_mean_colour():
     pipeline = chc.AugmentationPipeline(IMAGES, LABELS, 10, seed=7, crop_padding=0, flip=False, cutout=8)
     fill = np.round(IMAGES.mean(axis=(0, 1, 2))).astype(np.uint8)
