@@ -150,6 +150,9 @@ class Config:
                                   "CLS token and position embeddings)", _non_negative_float)
     shift_lr_scale: float = _option(8.0, "learning-rate multiple for the batch norms' shifts (beta) in the "
                                     "stem and the CNN branch (README, \"Design\")", _positive_float)
+    muon_step: float = _option(0.0, "peak angle (in radians, about) by which each Muon step turns a conv "
+                               "kernel of the stem and the CNN branch; 0: those kernels train with AdamW "
+                               "(README, \"Design\")", _non_negative_float)
     warmup_fraction: float = _option(0.1, "fraction of all steps spent in linear learning-rate warm-up "
                                      "before the cosine decay", _rate)
     label_smoothing: float = _option(0.1, "label smoothing of the cross-entropy loss", _rate)
@@ -1035,6 +1038,21 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
                 "anchor_progress": float(self.anchor_progress.numpy())}
 
 
+def orthogonalized(matrix, steps=3):
+    """An approximation of U V^T for matrix = U S V^T: the gradient with all its directions at one scale.
+
+    The quintic Newton-Schulz iteration of K. Jordan's Muon, whose coefficients push the singular
+    values towards 1 fast rather than exactly; three steps as in airbench's Muon version.
+    """
+    wide = matrix.shape[0] <= matrix.shape[1]
+    x = matrix if wide else ops.transpose(matrix)
+    x = x / (ops.sqrt(ops.sum(ops.square(x))) + 1e-7)  # all singular values <= 1
+    for _ in range(steps):
+        gram = ops.matmul(x, ops.transpose(x))
+        x = 3.4445 * x + ops.matmul(-4.7750 * gram + 2.0315 * ops.matmul(gram, gram), x)
+    return x if wide else ops.transpose(x)
+
+
 class ShiftScaledAdamW(keras.optimizers.AdamW):
     """AdamW whose batch-norm shifts (beta) learn `shift_lr_scale` times faster than the rest.
 
@@ -1043,21 +1061,54 @@ class ShiftScaledAdamW(keras.optimizers.AdamW):
     decide where each ReLU cuts, move by the same amount on a scale of about 1 and lag behind.
     K. Jordan's airbench gives them 64x the rate under SGD ("scalebias"); 8x under AdamW ended 0.6
     and 1.1 points higher on validation for two seeds here (README, "Ablations").
+
+    With `muon_step` > 0 the conv kernels in `kernels` take Muon steps instead (K. Jordan's Muon, as
+    airbench applies it to its convs): the Nesterov momentum of the gradient, orthogonalized, and
+    the kernel kept at a fixed norm, which batch norm makes free to choose, so each step turns the
+    kernel by a set angle: `muon_step` times the schedule's fraction of its peak.
     """
 
-    def __init__(self, learning_rate, shifts=(), shift_lr_scale=1.0, **kwargs):
+    def __init__(self, learning_rate, shifts=(), shift_lr_scale=1.0, kernels=(), muon_step=0.0,
+                 muon_momentum=0.9, **kwargs):
         super().__init__(learning_rate, **kwargs)
         self.shifts, self.shift_lr_scale = list(shifts), float(shift_lr_scale)
+        self.kernels = list(kernels) if muon_step > 0 else []
+        self.muon_step, self.muon_momentum = float(muon_step), float(muon_momentum)
+        self._peak = learning_rate.peak if isinstance(learning_rate, WarmupCosine) else float(learning_rate)
 
     def build(self, variables):
         # In a distributed step the update sees TensorFlow's own variables: match them by key.
         self._shift_keys = {self._var_key(v) for v in self.shifts}
+        self._kernel_keys = {self._var_key(v) for v in self.kernels}
         super().build(variables)
 
     def update_step(self, gradient, variable, learning_rate):
+        if self._var_key(variable) in self._kernel_keys:
+            return self._muon_step(gradient, variable, learning_rate)
         if self._var_key(variable) in self._shift_keys:
             learning_rate = learning_rate * self.shift_lr_scale
         super().update_step(gradient, variable, learning_rate)
+
+    def _muon_step(self, gradient, variable, learning_rate):
+        momentum = self._momentums[self._get_variable_index(variable)]  # AdamW's first moment slot
+        self.assign(momentum, momentum * self.muon_momentum + gradient)
+        update = gradient + self.muon_momentum * momentum
+        filters = variable.shape[-1]
+        direction = ops.reshape(orthogonalized(ops.reshape(update, (-1, filters))), variable.shape)
+        scale = math.sqrt(filters)  # the norm of an orthogonal matrix of that many columns
+        kept = variable * (scale / (ops.sqrt(ops.sum(ops.square(variable))) + 1e-12))
+        self.assign(variable, kept - (self.muon_step * learning_rate / self._peak) * direction)
+
+
+def make_optimizer(model, config, learning_rate):
+    """The optimizer `config` asks for, over `model`'s batch-norm shifts and conv kernels."""
+    shifts = [layer.beta for layer in model._flatten_layers() if isinstance(layer, BatchNormalization)]
+    kernels = [layer.kernel for part in model.layers if part.name in ("stem", "cnn_branch")
+               for layer in part.stack.layers if isinstance(layer, layers.Conv2D) and layer.trainable]
+    optimizer = ShiftScaledAdamW(learning_rate, shifts, config.shift_lr_scale, kernels, config.muon_step,
+                                 weight_decay=config.weight_decay)
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "cls_token", "position_embedding"])
+    return optimizer
 
 
 class TrainingInterrupted(Exception):
@@ -1126,7 +1177,7 @@ class TrainingBackup:
     """
 
     RESUME_IGNORES = ("data", "output", "checkpoint_dir", "fresh", "tta", "tensorboard")  # may change on resume
-    ADDED_OPTIONS = {"cutout": 0, "shift_lr_scale": 1.0}  # how backups made before these options existed ran
+    ADDED_OPTIONS = {"cutout": 0, "shift_lr_scale": 1.0, "muon_step": 0.0}  # how backups made before these options existed ran
 
     @classmethod
     def fingerprint(cls, config):
@@ -1383,9 +1434,7 @@ class Trainer:
     def _make_optimizer(self):
         c = self.config
         self.schedule = WarmupCosine(c.learning_rate * self.replicas, self.total_steps, c.warmup_fraction)
-        shifts = [layer.beta for layer in self.model._flatten_layers() if isinstance(layer, BatchNormalization)]
-        optimizer = ShiftScaledAdamW(self.schedule, shifts, c.shift_lr_scale, weight_decay=c.weight_decay)
-        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "cls_token", "position_embedding"])
+        optimizer = make_optimizer(self.model, c, self.schedule)
         if self.precision == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)  # fp16 gradients underflow without it
         return optimizer
@@ -1968,9 +2017,9 @@ def choose_model_size(config, seconds, train_images):
 
 
 def time_training_step(config, repeats=5):
-    """Median seconds of one AdamW training step of the model `config` describes, on random images."""
+    """Median seconds of one training step of the model `config` describes, on random images."""
     model = build_model(config, resolve_precision(config.precision))
-    optimizer = keras.optimizers.AdamW(1e-4)
+    optimizer = make_optimizer(model, config, 1e-4)
     images = tf.random.uniform((config.batch_size, *IMAGE_SHAPE), 0, 255)
     initialize_convolutions(model, config, images.numpy(), samples=64)  # a fixed stem trains faster: time that
     classes = model.output_shape[-1]

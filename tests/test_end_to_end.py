@@ -320,3 +320,37 @@ def test_batch_norm_shifts_take_a_multiple_of_the_learning_rate(cifar_folder):
     for norm, (beta, gamma) in zip(norms, before):
         assert 0.07 < np.abs(norm.beta.numpy() - beta).max() <= 0.08 * 1.0001
         assert 0.007 < np.abs(norm.gamma.numpy() - gamma).max() <= 0.01 * 1.0001
+
+
+def test_muon_turns_the_conv_kernels_by_the_step_at_a_fixed_norm_and_leaves_the_rest_to_adamw(cifar_folder):
+    config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS, "--warmup-fraction", "0",
+                               "--learning-rate", "0.01", "--muon-step", "0.05"])
+    trainer = chc.Trainer(config, chc.load_cifar(cifar_folder), log=lambda *_: None)
+    convs = [layer for part in ("stem", "cnn_branch") for layer in trainer.model.get_layer(part).stack.layers
+             if isinstance(layer, chc.layers.Conv2D)]
+    assert len(convs) >= 3 and not convs[0].trainable  # the whitened first conv stays fixed
+    dense = trainer.model.get_layer("vit_branch").trainable_variables[0]
+    before = [conv.kernel.numpy() for conv in convs], dense.numpy()
+    images, labels = next(iter(trainer.train_pipeline.train_dataset(0)))
+    trainer._train_step(images, labels)
+    np.testing.assert_array_equal(convs[0].kernel.numpy(), before[0][0])
+    for conv, old in zip(convs[1:], before[0][1:]):
+        new, filters = conv.kernel.numpy(), old.shape[-1]
+        # Batch norm ignores the scale: each step starts from the norm sqrt(filters) (a step of 0.05 adds ~0.1 %)
+        assert np.linalg.norm(new) == pytest.approx(np.sqrt(filters), rel=3e-3)
+        kept = old * np.sqrt(filters) / np.linalg.norm(old)
+        singular = np.linalg.svd((new - kept).reshape(-1, filters), compute_uv=False)
+        # Orthogonalized: every direction moves, by about the step (the iteration is approximate).
+        assert 0.02 < singular.min() and singular.max() < 0.07
+    # AdamW's first step moves some entry of every other weight by about the whole rate
+    assert 0.0099 < np.abs(dense.numpy() - before[1]).max() < 0.0101  # (and a weight decay of 0.05 of it)
+
+
+def test_orthogonalized_matrices_have_singular_values_near_one():
+    rng = np.random.default_rng(0)
+    for shape in ((16, 144), (144, 16)):  # a gradient-like matrix, wide and tall
+        matrix = rng.normal(size=shape).astype("float32")
+        singular = np.linalg.svd(chc.keras.ops.convert_to_numpy(chc.orthogonalized(matrix)), compute_uv=False)
+        before = np.linalg.svd(matrix, compute_uv=False)
+        assert singular.shape == (16,) and before.max() / before.min() > 1.5
+        assert 0.6 < singular.min() and singular.max() < 1.25
