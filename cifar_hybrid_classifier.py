@@ -150,7 +150,7 @@ class Config:
                                   "CLS token and position embeddings)", _non_negative_float)
     shift_lr_scale: float = _option(8.0, "learning-rate multiple for the batch norms' shifts (beta) in the "
                                     "stem and the CNN branch (README, \"Design\")", _positive_float)
-    muon_step: float = _option(0.0, "peak angle (in radians, about) by which each Muon step turns a conv "
+    muon_step: float = _option(0.02, "peak angle (in radians, about) by which each Muon step turns a conv "
                                "kernel of the stem and the CNN branch; 0: those kernels train with AdamW "
                                "(README, \"Design\")", _non_negative_float)
     warmup_fraction: float = _option(0.1, "fraction of all steps spent in linear learning-rate warm-up "
@@ -1349,7 +1349,7 @@ class TimePlan:
 
 
 class Trainer:
-    """Fits the model with AdamW + warm-up/cosine, keeps the best-validation weights."""
+    """Fits the model with AdamW (Muon for the conv kernels) + warm-up/cosine, keeps the best-validation weights."""
 
     def __init__(self, config, data, strategy=None, log=print, started=None):
         self.config = config
