@@ -153,6 +153,9 @@ class Config:
     muon_step: float = _option(0.02, "peak angle (in radians, about) by which each Muon step turns a conv "
                                "kernel of the stem and the CNN branch; 0: those kernels train with AdamW "
                                "(README, \"Design\")", _non_negative_float)
+    muon_rms: float = _option(0.0, "RMS, as a multiple of the learning rate, of the Muon steps of the ViT's "
+                              "weight matrices and the fusion head's hidden layer; 0: those train with AdamW "
+                              "(README, \"Design\")", _non_negative_float)
     warmup_fraction: float = _option(0.1, "fraction of all steps spent in linear learning-rate warm-up "
                                      "before the cosine decay", _rate)
     label_smoothing: float = _option(0.1, "label smoothing of the cross-entropy loss", _rate)
@@ -1066,47 +1069,89 @@ class ShiftScaledAdamW(keras.optimizers.AdamW):
     airbench applies it to its convs): the Nesterov momentum of the gradient, orthogonalized, and
     the kernel kept at a fixed norm, which batch norm makes free to choose, so each step turns the
     kernel by a set angle: `muon_step` times the schedule's fraction of its peak.
+
+    With `muon_rms` > 0 the weight matrices in `matrices`, pairs (kernel, columns of its matrix
+    view), take Muon steps too. No batch norm follows them, so their scale matters: as in Moonlight
+    (Liu et al. 2025) each step is the orthogonalized momentum scaled to an RMS of `muon_rms` times
+    the learning rate (0.2 matches AdamW's typical step), and AdamW's weight decay still applies.
     """
 
     def __init__(self, learning_rate, shifts=(), shift_lr_scale=1.0, kernels=(), muon_step=0.0,
-                 muon_momentum=0.9, **kwargs):
+                 matrices=(), muon_rms=0.0, muon_momentum=0.9, **kwargs):
         super().__init__(learning_rate, **kwargs)
         self.shifts, self.shift_lr_scale = list(shifts), float(shift_lr_scale)
         self.kernels = list(kernels) if muon_step > 0 else []
-        self.muon_step, self.muon_momentum = float(muon_step), float(muon_momentum)
+        self.matrices = list(matrices) if muon_rms > 0 else []
+        self.muon_step, self.muon_rms, self.muon_momentum = float(muon_step), float(muon_rms), float(muon_momentum)
         self._peak = learning_rate.peak if isinstance(learning_rate, WarmupCosine) else float(learning_rate)
 
     def build(self, variables):
         # In a distributed step the update sees TensorFlow's own variables: match them by key.
         self._shift_keys = {self._var_key(v) for v in self.shifts}
         self._kernel_keys = {self._var_key(v) for v in self.kernels}
+        self._matrix_columns = {self._var_key(v): columns for v, columns in self.matrices}
         super().build(variables)
 
     def update_step(self, gradient, variable, learning_rate):
-        if self._var_key(variable) in self._kernel_keys:
-            return self._muon_step(gradient, variable, learning_rate)
-        if self._var_key(variable) in self._shift_keys:
+        key = self._var_key(variable)
+        if key in self._kernel_keys:
+            return self._conv_muon_step(gradient, variable, learning_rate)
+        if key in self._matrix_columns:
+            return self._matrix_muon_step(gradient, variable, learning_rate, self._matrix_columns[key])
+        if key in self._shift_keys:
             learning_rate = learning_rate * self.shift_lr_scale
         super().update_step(gradient, variable, learning_rate)
 
-    def _muon_step(self, gradient, variable, learning_rate):
+    def _muon_direction(self, gradient, variable, columns):
+        """The Nesterov momentum of the gradient, orthogonalized as a matrix of `columns` columns."""
         momentum = self._momentums[self._get_variable_index(variable)]  # AdamW's first moment slot
         self.assign(momentum, momentum * self.muon_momentum + gradient)
         update = gradient + self.muon_momentum * momentum
+        return ops.reshape(orthogonalized(ops.reshape(update, (-1, columns))), variable.shape)
+
+    def _conv_muon_step(self, gradient, variable, learning_rate):
         filters = variable.shape[-1]
-        direction = ops.reshape(orthogonalized(ops.reshape(update, (-1, filters))), variable.shape)
+        direction = self._muon_direction(gradient, variable, filters)
         scale = math.sqrt(filters)  # the norm of an orthogonal matrix of that many columns
         kept = variable * (scale / (ops.sqrt(ops.sum(ops.square(variable))) + 1e-12))
         self.assign(variable, kept - (self.muon_step * learning_rate / self._peak) * direction)
 
+    def _matrix_muon_step(self, gradient, variable, learning_rate, columns):
+        rows = math.prod(variable.shape) // columns
+        # An orthogonal rows x columns matrix has an RMS of 1 / sqrt(max(rows, columns)).
+        scale = self.muon_rms * math.sqrt(max(rows, columns))
+        self.assign_sub(variable, (learning_rate * scale) * self._muon_direction(gradient, variable, columns))
+
+
+def muon_matrices(model):
+    """(kernel, columns) of the ViT's weight matrices and the fusion head's hidden layer.
+
+    The classifier stays with AdamW, as in Muon's own recipes. The attention's query, key and value
+    kernels are (width, heads, head width): one matrix of width x (heads x head width).
+    """
+    found = []
+    for part in model.layers:
+        if part.name == "fusion_head":
+            found.append((part.hidden.kernel, part.hidden.kernel.shape[-1]))
+        if part.name != "vit_branch":
+            continue
+        for layer in part._flatten_layers():
+            if isinstance(layer, PatchEmbedding):
+                found.append((layer.projection.kernel, layer.embed_dim))
+            elif isinstance(layer, (layers.Dense, layers.EinsumDense)):
+                shape = layer.kernel.shape
+                found.append((layer.kernel, math.prod(shape[1:]) if layer.name in ("query", "key", "value")
+                              else shape[-1]))
+    return found
+
 
 def make_optimizer(model, config, learning_rate):
-    """The optimizer `config` asks for, over `model`'s batch-norm shifts and conv kernels."""
+    """The optimizer `config` asks for, over `model`'s batch-norm shifts, conv kernels and matrices."""
     shifts = [layer.beta for layer in model._flatten_layers() if isinstance(layer, BatchNormalization)]
     kernels = [layer.kernel for part in model.layers if part.name in ("stem", "cnn_branch")
                for layer in part.stack.layers if isinstance(layer, layers.Conv2D) and layer.trainable]
     optimizer = ShiftScaledAdamW(learning_rate, shifts, config.shift_lr_scale, kernels, config.muon_step,
-                                 weight_decay=config.weight_decay)
+                                 muon_matrices(model), config.muon_rms, weight_decay=config.weight_decay)
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "cls_token", "position_embedding"])
     return optimizer
 
@@ -1177,7 +1222,7 @@ class TrainingBackup:
     """
 
     RESUME_IGNORES = ("data", "output", "checkpoint_dir", "fresh", "tta", "tensorboard")  # may change on resume
-    ADDED_OPTIONS = {"cutout": 0, "shift_lr_scale": 1.0, "muon_step": 0.0}  # how backups made before these options existed ran
+    ADDED_OPTIONS = {"cutout": 0, "shift_lr_scale": 1.0, "muon_step": 0.0, "muon_rms": 0.0}  # how backups made before these options existed ran
 
     @classmethod
     def fingerprint(cls, config):

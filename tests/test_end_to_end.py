@@ -340,8 +340,9 @@ def test_muon_turns_the_conv_kernels_by_the_step_at_a_fixed_norm_and_leaves_the_
         assert np.linalg.norm(new) == pytest.approx(np.sqrt(filters), rel=3e-3)
         kept = old * np.sqrt(filters) / np.linalg.norm(old)
         singular = np.linalg.svd((new - kept).reshape(-1, filters), compute_uv=False)
-        # Orthogonalized: every direction moves, by about the step (the iteration is approximate).
-        assert 0.02 < singular.min() and singular.max() < 0.07
+        # Orthogonalized: every direction moves, by about the step (three iterations lift the smallest
+        # directions of a gradient only part of the way, so the lower bound is loose).
+        assert 0.01 < singular.min() and singular.max() < 0.07
     # AdamW's first step moves some entry of every other weight by about the whole rate
     assert 0.0099 < np.abs(dense.numpy() - before[1]).max() < 0.0101  # (and a weight decay of 0.05 of it)
 
@@ -354,3 +355,31 @@ def test_orthogonalized_matrices_have_singular_values_near_one():
         before = np.linalg.svd(matrix, compute_uv=False)
         assert singular.shape == (16,) and before.max() / before.min() > 1.5
         assert 0.6 < singular.min() and singular.max() < 1.25
+
+
+def test_muon_rms_steps_the_vit_and_head_matrices_at_that_rms_and_leaves_the_classifier_to_adamw(cifar_folder):
+    config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS, "--warmup-fraction", "0",
+                               "--learning-rate", "0.01", "--muon-rms", "0.2", "--weight-decay", "0.05"])
+    trainer = chc.Trainer(config, chc.load_cifar(cifar_folder), log=lambda *_: None)
+    matrices = chc.muon_matrices(trainer.model)
+    # The patch embedding, per block the query, key, value and output kernels and the MLP's two,
+    # and the fusion head's hidden layer.
+    assert len(matrices) == 1 + 6 * config.depth + 1
+    head = trainer.model.get_layer("fusion_head")
+    assert all(kernel is not head.classifier.kernel for kernel, _ in matrices)
+    before = [kernel.numpy() for kernel, _ in matrices], head.classifier.kernel.numpy()
+    images, labels = next(iter(trainer.train_pipeline.train_dataset(0)))
+    trainer._train_step(images, labels)
+    full = 0
+    for (kernel, columns), old in zip(matrices, before[0]):
+        step = (kernel.numpy() - old * (1 - 0.01 * 0.05)).reshape(-1, columns)  # less the weight decay
+        rms, singular = np.sqrt(np.mean(np.square(step))), np.linalg.svd(step, compute_uv=False)
+        # Orthogonalized: every direction the gradient has moves at about one scale, the one that
+        # gives a gradient of full rank an RMS of 0.2 x the rate (0.002). In the first step the
+        # query and key gradients have a rank of one or two, so their steps are smaller.
+        expected = 0.002 * np.sqrt(max(step.shape))
+        assert 0.6 * expected < singular.max() < 1.25 * expected and rms < 1.25 * 0.002
+        full += 0.6 * 0.002 < rms
+    assert full >= len(matrices) - 2 * config.depth
+    adamw_step = head.classifier.kernel.numpy() - before[1] * (1 - 0.01 * 0.05)
+    assert 0.0099 < np.abs(adamw_step).max() < 0.0101  # AdamW's first step: about the rate
