@@ -383,3 +383,12 @@ def test_muon_rms_steps_the_vit_and_head_matrices_at_that_rms_and_leaves_the_cla
     assert full >= len(matrices) - 2 * config.depth
     adamw_step = head.classifier.kernel.numpy() - before[1] * (1 - 0.01 * 0.05)
     assert 0.0099 < np.abs(adamw_step).max() < 0.0101  # AdamW's first step: about the rate
+
+
+def test_optimizer_step_benchmark_times_the_three_settings(capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import optimizer_step
+    optimizer_step.main(["--rounds", "1", *TINY_ARGS])
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["step_ms_adamw"] > 0 and figures["step_ms_muon_convs"] > 0 and figures["step_ms_muon_all"] > 0
+    assert [len(times) for times in figures["rounds_ms"].values()] == [1, 1, 1] and figures["batch_size"] == 32

@@ -340,12 +340,13 @@ def test_paths_and_options(tmp_path, cifar_folder, monkeypatch, capsys):
 
 
 def test_backup_from_other_options_or_damaged_is_refused(tmp_path, slow_folder, capsys):
-    args = ["--data", slow_folder, *FOUR_EPOCHS, "--output", str(tmp_path / "m.keras"), "--muon-step", "0"]
+    args = ["--data", slow_folder, *FOUR_EPOCHS, "--output", str(tmp_path / "m.keras"), "--muon-step", "0",
+            "--muon-rms", "0"]
     trainer = chc.Trainer(chc.parse_config(args), chc.load_cifar(slow_folder), log=lambda *_: None)
-    # As if made by a version before --cutout, --shift-lr-scale and --muon-step: it ran as --cutout 0
-    # --shift-lr-scale 1 --muon-step 0.
+    # As if made by a version before --cutout, --shift-lr-scale and Muon: it ran as --cutout 0
+    # --shift-lr-scale 1 --muon-step 0 --muon-rms 0.
     older = json.loads(trainer.backup.state["config"].numpy())
-    del older["cutout"], older["shift_lr_scale"], older["muon_step"]
+    del older["cutout"], older["shift_lr_scale"], older["muon_step"], older["muon_rms"]
     trainer.backup.state["config"].assign(json.dumps(older))
     trainer.request_stop(signal.SIGINT)  # as if interrupted in the first step: a backup of that step
     with pytest.raises(chc.TrainingInterrupted):
