@@ -25,18 +25,6 @@ import tensorflow as tf
 import cifar_hybrid_classifier as chc
 
 
-def matmul_peak_gflops(dtype, n=2048, repeats=10):
-    a = tf.cast(tf.random.normal((n, n)), dtype)
-    matmul = tf.function(lambda a: tf.matmul(a, a))
-    matmul(a).numpy()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        matmul(a).numpy()
-        times.append(time.perf_counter() - started)
-    return 2 * n ** 3 / float(np.median(times)) / 1e9
-
-
 def _einsum_flops(op):
     """2 x the product of every index size: exact for the contractions attention layers use."""
     equation = op.get_attr("equation").decode()
@@ -110,12 +98,10 @@ def main(argv=None):
                             window_steps=2)
 
     flops = forward_flops_per_image(trainer.model)
-    # ONEDNN_MAX_CPU_ISA=AVX2 makes an AVX-512 machine time like an AVX2-only CPU (the slow class B);
-    # oneDNN then has no bf16 matmul and aborts the process on one, so that peak is left out.
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
-    has_bf16 = isa in ("ALL", "DEFAULT") or isa.startswith(("AVX512", "AVX10"))
-    peak_bf16 = matmul_peak_gflops(tf.bfloat16) if has_bf16 else None
-    peak_fp32 = matmul_peak_gflops(tf.float32)
+    # Under ONEDNN_MAX_CPU_ISA=AVX2 (an AVX-512 machine timed as the slow class B) a bf16 matmul would
+    # abort the process, so that peak is left out.
+    peak_bf16 = chc.matmul_gflops(tf.bfloat16) if chc.onednn_allows_bf16() else None
+    peak_fp32 = chc.matmul_gflops(tf.float32)
     achieved = train * 3 * flops / 1e9
     print(json.dumps({
         "precision": trainer.precision,

@@ -92,3 +92,27 @@ def test_subcommand_arguments_are_checked(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         chc.main(argv)
     assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bf16_gflops, expected", [(900.0, "mixed_bfloat16"), (164.0, "float32")])
+def test_auto_precision_takes_bf16_only_where_it_measures_faster(bf16_gflops, expected, monkeypatch):
+    # Both CPUs report native bf16: a Zen 5 multiplies it at twice float32's rate, a Xeon without AMX slower.
+    monkeypatch.setattr(chc, "_cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(chc.tf.config, "list_physical_devices", lambda kind: [])
+    monkeypatch.setattr(chc, "matmul_gflops", lambda dtype, **_: bf16_gflops if dtype == chc.tf.bfloat16 else 450.0)
+    chc._cpu_bf16_is_faster.cache_clear()
+    try:
+        assert chc.resolve_precision("auto") == expected
+        assert chc.resolve_precision("float32") == "float32"
+    finally:
+        chc._cpu_bf16_is_faster.cache_clear()
+
+
+def test_bf16_is_never_timed_where_onednn_is_limited_to_avx2(monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # a bf16 matmul would abort the process
+    monkeypatch.setattr(chc, "matmul_gflops", lambda *a, **k: pytest.fail("timed a matmul"))
+    chc._cpu_bf16_is_faster.cache_clear()
+    try:
+        assert not chc.onednn_allows_bf16() and not chc._cpu_bf16_is_faster()
+    finally:
+        chc._cpu_bf16_is_faster.cache_clear()
