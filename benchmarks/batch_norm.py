@@ -8,16 +8,15 @@ drifting speed hits both alike; the figures are medians over the rounds.
 """
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras
-import numpy as np
 
 import cifar_hybrid_classifier as chc
+from alternating import print_step_figures, time_in_turn
 
 
 def main(argv=None):
@@ -26,22 +25,18 @@ def main(argv=None):
     args, training_options = parser.parse_known_args(argv)
     config = chc.parse_config(training_options)
     layers = {"keras": keras.layers.BatchNormalization, "fused": chc.BatchNormalization}
-    seconds = {name: [] for name in layers}
+
+    def timer(layer):
+        def time_step():
+            chc.BatchNormalization = layer  # what the model's conv stages build
+            return chc.time_training_step(config, repeats=7)
+        return time_step
+
     try:
-        for _ in range(args.rounds):
-            for name, layer in layers.items():
-                chc.BatchNormalization = layer  # what the model's conv stages build
-                seconds[name].append(chc.time_training_step(config, repeats=7))
+        seconds = time_in_turn({name: timer(layer) for name, layer in layers.items()}, args.rounds)
     finally:
         chc.BatchNormalization = layers["fused"]
-    median = {name: float(np.median(times)) for name, times in seconds.items()}
-    print(json.dumps({
-        "batch_size": config.batch_size,
-        "step_ms_keras": round(1000 * median["keras"], 1),
-        "step_ms_fused": round(1000 * median["fused"], 1),
-        "fused_time_fraction": round(median["fused"] / median["keras"], 3),
-        "rounds_ms": {name: [round(1000 * t) for t in times] for name, times in seconds.items()},
-    }, indent=2))
+    print_step_figures(config.batch_size, seconds, baseline="keras")
 
 
 if __name__ == "__main__":

@@ -11,15 +11,13 @@ drifting speed hits all alike; the figures are medians over the rounds.
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np
-
 import cifar_hybrid_classifier as chc
+from alternating import print_step_figures, time_in_turn
 
 
 def main(argv=None):
@@ -31,18 +29,10 @@ def main(argv=None):
     settings = {"adamw": dataclasses.replace(config, muon_step=0.0, muon_rms=0.0),
                 "muon_convs": dataclasses.replace(config, muon_step=step, muon_rms=0.0),
                 "muon_all": dataclasses.replace(config, muon_step=step, muon_rms=config.muon_rms or 0.2)}
-    seconds = {name: [] for name in settings}
-    for _ in range(args.rounds):
-        for name, setting in settings.items():
-            seconds[name].append(chc.time_training_step(setting, repeats=7))
-    median = {name: float(np.median(times)) for name, times in seconds.items()}
-    print(json.dumps({
-        "batch_size": config.batch_size,
-        "model_size": config.model_size,
-        **{f"step_ms_{name}": round(1000 * t, 1) for name, t in median.items()},
-        **{f"{name}_over_adamw": round(t / median["adamw"], 3) for name, t in median.items() if name != "adamw"},
-        "rounds_ms": {name: [round(1000 * t) for t in times] for name, times in seconds.items()},
-    }, indent=2))
+    timers = {name: (lambda setting=setting: chc.time_training_step(setting, repeats=7))
+              for name, setting in settings.items()}
+    seconds = time_in_turn(timers, args.rounds)
+    print_step_figures(config.batch_size, seconds, baseline="adamw", model_size=config.model_size)
 
 
 if __name__ == "__main__":
