@@ -1209,13 +1209,7 @@ class TrainingDiverged(Exception):
 
 
 class PeerLost(Exception):
-    """A multi-worker run lost a worker (its collective failed or timed out): exit code 4, one line."""
-
-
-# A collective that waits longer than this ends the run (PeerLost) instead of hanging on a frozen peer. It
-# must cover the longest time one worker can spend between two collectives while the others wait: the
-# chief's validation pass, backup and final evaluation, seconds to a few minutes on a slow CPU.
-COLLECTIVE_TIMEOUT_SECONDS = 600
+    """A multi-worker run lost a worker (a collective failed or was aborted): exit code 4, one line."""
 
 
 def make_strategy(name):
@@ -1234,8 +1228,11 @@ def make_strategy(name):
     if name == "multi-worker":
         if workers < 2:
             raise InputError("--distribute multi-worker needs TF_CONFIG naming two or more workers")
-        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=tf.distribute.experimental.
-                                                         CommunicationOptions(timeout_seconds=COLLECTIVE_TIMEOUT_SECONDS))
+        # No per-collective timeout (CommunicationOptions(timeout_seconds=...)): TensorFlow gives every
+        # collective that has one a thread that sleeps out the whole timeout, and at dozens of collectives
+        # per step they pile up until the process can start no more. A dead or frozen peer is found by
+        # the coordination service's heartbeats instead, which abort every pending collective.
+        return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "mirrored":  # all local GPUs; without any, all logical CPU devices
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
         return tf.distribute.MirroredStrategy([d.name for d in devices])

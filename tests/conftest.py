@@ -1,10 +1,15 @@
 """Shared fixtures: tiny synthetic CIFAR-100 data written in the official python format."""
 
 import importlib.util
+import json
 import os
 import pickle
+import re
+import socket
+import subprocess
 import sys
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -151,3 +156,71 @@ def run_outputs(stem="cifar_hybrid"):
     if importlib.util.find_spec("matplotlib"):
         names += [f"{stem}.curves.png", f"{stem}.confusion.png"]
     return sorted(names)
+
+
+def process_status(pid):
+    """A live process's thread count and resident memory in bytes, from /proc/PID/status (Linux)."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return int(fields["Threads"]), int(fields["VmRSS"].split()[0]) * 1024
+
+
+EPOCH_LINE = re.compile(r"^epoch \d+/\d+ ", re.M)
+
+
+def watch(procs, logs, act=None, timeout=600):
+    """Wait for every process, polling their logs: each time process i prints an `epoch k/n` line, its
+    (threads, resident bytes) right then are appended to samples[i]. `act(texts)` runs at every poll
+    (to signal a process when its log shows something). Returns the exit codes, the logs' texts, the
+    samples and when each process ended; a process still running at `timeout` is killed."""
+    samples, ended = [[] for _ in procs], [None] * len(procs)
+    deadline = time.time() + timeout
+    try:
+        while None in ended and time.time() < deadline:
+            texts = [log.read_text() for log in logs]
+            for i, proc in enumerate(procs):
+                if ended[i] is None and proc.poll() is not None:
+                    ended[i] = time.time()
+                while ended[i] is None and len(samples[i]) < len(EPOCH_LINE.findall(texts[i])):
+                    try:
+                        samples[i].append(process_status(proc.pid))
+                    except (FileNotFoundError, ProcessLookupError):
+                        break
+            if act is not None:
+                act(texts)
+            time.sleep(0.05)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    return [proc.returncode for proc in procs], [log.read_text() for log in logs], samples, ended
+
+
+def free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def run_two_workers(tmp_path, args, name, act=None):
+    """Train with worker 0 (the chief) and worker 1 on loopback ports, each in its own folder
+    (`worker0`, `worker1`) and TMPDIR (`name`-tmp0, `name`-tmp1), logging to `name`0.txt and `name`1.txt.
+
+    `act(texts, procs)` runs at every poll of the logs (see `watch`). Returns what `watch` returns."""
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    procs, logs = [], [tmp_path / f"{name}{index}.txt" for index in range(2)]
+    for index in range(2):
+        (tmp_path / f"worker{index}").mkdir(exist_ok=True)
+        (tmp_path / f"{name}-tmp{index}").mkdir(exist_ok=True)
+        env = {**os.environ, "PYTHONPATH": ROOT, "TMPDIR": str(tmp_path / f"{name}-tmp{index}"),
+               "TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})}
+        with open(logs[index], "w") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, os.path.join(ROOT, "cifar_hybrid_classifier.py"), *args, "--distribute",
+                 "multi-worker"], cwd=tmp_path / f"worker{index}", env=env, stdout=log, stderr=subprocess.STDOUT))
+    return watch(procs, logs, act and (lambda texts: act(texts, procs)))
