@@ -28,6 +28,7 @@ import pickle
 import platform
 import shutil
 import signal
+import struct
 import sys
 import tarfile
 import tempfile
@@ -1825,28 +1826,152 @@ def load_model(path):
     return model
 
 
-def read_image(path):
-    """An image file as 32x32 RGB uint8, shrunk the way CIFAR images were (README, "Predicting your own images")."""
+# Images are measured from their headers before they are decoded: a file of a megabyte can declare
+# gigapixels (a decompression bomb), and decoding allocates them all. The limit is on the pixels a
+# decode allocates, at most four bytes each (RGBA), so 100 megapixels cost at most 400 MB.
+MAX_IMAGE_MEGAPIXELS = 100
+# A large JPEG is decoded at 1/2, 1/4 or 1/8 scale (the DCT does the first shrinking), keeping at least
+# this many pixels on its shorter side so that the final 32x32 box filter still averages 8x8 pixels.
+JPEG_MIN_DECODED_SIDE = 256
+_JPEG_FRAME_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0-15, less DHT, JPG and DAC
+
+
+def _jpeg_size(raw):
+    """Width and height from a JPEG's frame header (SOFn), walking the segments before it."""
+    i = 2
+    while i + 9 <= len(raw) and raw[i] == 0xFF:
+        marker = raw[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+        elif marker in _JPEG_FRAME_MARKERS:
+            height, width = struct.unpack(">HH", raw[i + 5:i + 9])
+            return width, height
+        else:
+            i += 2 + struct.unpack(">H", raw[i + 2:i + 4])[0]
+    return None
+
+
+def _gif_frame_pixels(raw):
+    """The pixels of every frame a GIF declares: the decoder holds all of their rasters at once."""
+    flags, i, pixels = raw[10], 13, 0
+    if flags & 0x80:
+        i += 3 << ((flags & 7) + 1)  # global colour table
+    while i < len(raw):
+        block = raw[i]
+        if block == 0x2C:  # image descriptor: position, size, flags, then the image's data
+            if i + 10 > len(raw):
+                break
+            width, height, flags = struct.unpack("<HHB", raw[i + 5:i + 10])
+            pixels += width * height
+            i += 10 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0) + 1  # local colour table, LZW size
+        elif block == 0x21:  # extension: its label, then its data
+            i += 2
+        else:  # the trailer, or damage the decoder will report
+            break
+        while i < len(raw) and raw[i]:  # data sub-blocks up to the empty one
+            i += raw[i] + 1
+        i += 1
+    return pixels
+
+
+def image_size(raw):
+    """(format, width, height, pixels to decode) from an image file's header, without decoding it; None
+    for a file that is not PNG, JPEG, GIF or BMP."""
+    if raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR" and len(raw) >= 24:
+        width, height = struct.unpack(">II", raw[16:24])
+        return "PNG", width, height, width * height
+    if raw[:6] in (b"GIF87a", b"GIF89a") and len(raw) >= 13:
+        width, height = struct.unpack("<HH", raw[6:10])
+        return "GIF", width, height, width * height + _gif_frame_pixels(raw)
+    if raw[:2] == b"BM" and len(raw) >= 26:
+        header = struct.unpack("<I", raw[14:18])[0]
+        width, height = struct.unpack("<HH" if header == 12 else "<ii", raw[18:22 if header == 12 else 26])
+        width, height = abs(width), abs(height)  # a negative height is a top-down BMP
+        return "BMP", width, height, width * height
+    size = _jpeg_size(raw) if raw[:2] == b"\xff\xd8" else None
+    if size is not None:
+        width, height = size
+        ratio = jpeg_ratio(width, height)
+        return "JPEG", width, height, -(-width // ratio) * -(-height // ratio)
+    return None
+
+
+def jpeg_ratio(width, height):
+    """The scale (1, 2, 4 or 8) to decode a JPEG at: the largest that keeps JPEG_MIN_DECODED_SIDE pixels."""
+    return next(r for r in (8, 4, 2, 1) if min(width, height) >= r * JPEG_MIN_DECODED_SIDE or r == 1)
+
+
+def area_weights(size, out):
+    """The (out, size) matrix of the "area" resize: output pixel j averages input span [j, j+1) * size/out."""
+    scale = size / out
+    edges = np.arange(out + 1) * scale
+    left = np.arange(size)
+    overlap = np.minimum(edges[1:, None], left + 1) - np.maximum(edges[:-1, None], left)
+    return (np.clip(overlap, 0, None) / scale).astype(np.float32)
+
+
+def as_rgb(pixels):
+    """Decoded pixels (1-4 channels, uint8) as float32 RGB: transparent pixels over white, as a web page shows them."""
+    image = pixels.astype(np.float32)
+    if image.shape[-1] in (2, 4):
+        alpha = image[..., -1:] / 255.0
+        image = image[..., :-1] * alpha + 255.0 * (1.0 - alpha)
+    return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+
+
+def shrink_to_cifar(pixels, strip_bytes=1 << 24):
+    """Decoded uint8 pixels as 32x32 RGB: the central square, each output pixel the average of its area (a
+    box filter, as CIFAR's images were made); small images are enlarged bilinearly.
+
+    The box filter is separable, so the square is summed in strips of rows: only one strip at a time
+    is ever float32, whatever the image's size."""
+    height, width = pixels.shape[:2]
+    side, out = min(height, width), IMAGE_SHAPE[0]
+    top, left = (height - side) // 2, (width - side) // 2
+    square = pixels[top:top + side, left:left + side]
+    if side < out:
+        image = tf.image.resize(as_rgb(square), IMAGE_SHAPE[:2], method="bilinear").numpy()
+    else:
+        weights = area_weights(side, out)
+        rows = max(1, strip_bytes // (side * 4 * 4))
+        columns = sum(np.tensordot(weights[:, r:r + rows], as_rgb(square[r:r + rows]), axes=1)
+                      for r in range(0, side, rows))
+        image = np.tensordot(weights, columns, axes=([1], [1])).transpose(1, 0, 2)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def read_image(path, max_megapixels=MAX_IMAGE_MEGAPIXELS):
+    """An image file as 32x32 RGB uint8, shrunk the way CIFAR images were (README, "Predicting your own images").
+
+    Its size is read from its header first: an image that would decode to more than `max_megapixels`
+    is refused before any pixel is decoded."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
-        # PNG, JPEG, BMP or GIF (its first frame); palettes expanded, 16-bit scaled to 8-bit.
-        image = tf.io.decode_image(raw, expand_animations=False)
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    header = image_size(raw)
+    if header is None:
+        raise InputError(f"{path}: not a readable PNG, JPEG, BMP or GIF image")
+    kind, width, height, pixels = header
+    if pixels > max_megapixels * 1e6:
+        raise InputError(f"{path}: a {width} x {height} {kind} image decodes to {pixels / 1e6:.0f} megapixels, "
+                         f"over the limit of {max_megapixels:g}; give --max-megapixels {math.ceil(pixels / 1e6)} "
+                         "to read it")
+    # One copy into a tensor, and the bytes freed before decoding (tf.constant of bytes makes four copies).
+    encoded = tf.convert_to_tensor(np.array(raw, dtype=object))
+    del raw
+    try:
+        if kind == "JPEG":
+            decoded = tf.io.decode_jpeg(encoded, ratio=jpeg_ratio(width, height))
+        else:  # PNG, BMP or GIF (its first frame); palettes expanded, 16-bit scaled to 8-bit
+            decoded = tf.io.decode_image(encoded, expand_animations=False)
     except tf.errors.OpError:
         raise InputError(f"{path}: not a readable PNG, JPEG, BMP or GIF image") from None
-    image = tf.cast(image, tf.float32)
-    if image.shape[-1] in (2, 4):  # transparent pixels over white, as a web page shows them
-        alpha = image[..., -1:] / 255.0
-        image = image[..., :-1] * alpha + 255.0 * (1.0 - alpha)
-    if image.shape[-1] == 1:
-        image = tf.image.grayscale_to_rgb(image)
-    side = min(image.shape[0], image.shape[1])
-    image = tf.image.resize_with_crop_or_pad(image, side, side)  # the central square
-    # Shrinking averages each output pixel's whole area (a box filter); small images are enlarged bilinearly.
-    image = tf.image.resize(image, IMAGE_SHAPE[:2], method="area" if side >= IMAGE_SHAPE[0] else "bilinear")
-    return np.clip(np.round(image.numpy()), 0, 255).astype(np.uint8)
+    del encoded
+    return shrink_to_cifar(np.asarray(decoded))  # a view of the tensor's pixels, not a copy
 
 
 # Test-time augmentation: (rows down, columns right, weight) of each view, taken of the image and of its
@@ -2272,6 +2397,9 @@ def build_command_parser(command):
         parser.add_argument("--top", type=_positive_int, default=5, metavar="K", help="classes to print per image")
     if command in ("predict", "explain"):
         parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+        parser.add_argument("--max-megapixels", type=_positive_float, default=MAX_IMAGE_MEGAPIXELS, metavar="N",
+                            help="refuse, before decoding, an image that would decode to more pixels than this "
+                            "(a large JPEG decodes at 1/2 to 1/8 scale): a small file can declare gigapixels")
     if command == "explain":
         parser.add_argument("--output-dir", default=".", metavar="DIR",
                             help="folder for the pictures, <image name>.explain.png each")
@@ -2292,12 +2420,12 @@ def build_command_parser(command):
     return parser
 
 
-def read_image_files(paths):
+def read_image_files(paths, max_megapixels=MAX_IMAGE_MEGAPIXELS):
     """One result per path ({"file": ...}, with "error" for a file that cannot be read) and the images read."""
     results, images = [], []
     for path in paths:
         try:
-            images.append(read_image(path))
+            images.append(read_image(path, max_megapixels))
             results.append({"file": path})
         except InputError as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -2325,7 +2453,7 @@ def print_results(results, as_json):
 def predict_images(args):
     """The `predict` command: exit code 0, or 2 if any file could not be read."""
     model = load_model(args.model)
-    results, images = read_image_files(args.images)
+    results, images = read_image_files(args.images, args.max_megapixels)
     read = [r for r in results if "error" not in r]
     for result, probs in zip(read, predict_probabilities(model, np.stack(images)) if images else []):
         result["predictions"] = top_classes(model, probs, args.top)
@@ -2338,7 +2466,7 @@ def explain_files(args):
     model = load_model(args.model)
     check_folder(args.output_dir, "--output-dir")
     os.makedirs(args.output_dir, exist_ok=True)
-    results, images = read_image_files(args.images)
+    results, images = read_image_files(args.images, args.max_megapixels)
     read = [r for r in results if "error" not in r]
     if images:
         images = np.stack(images)

@@ -103,6 +103,83 @@ def test_read_image_converts_any_mode_and_size_to_32x32_rgb(tmp_path):
         read("bad.png", b"\x89PNG\r\n\x1a\n not really")
 
 
+def gif_with_frame(screen, frame):
+    """A GIF whose logical screen and one frame declare these (width, height), with one pixel of data."""
+    return (b"GIF89a" + struct.pack("<HHBBB", *screen, 0x80, 0, 0) + b"\0\0\0\xff\xff\xff"
+            + b"\x2c" + struct.pack("<HHHHB", 0, 0, *frame, 0) + b"\x02\x02\x44\x01\x00" + b"\x3b")
+
+
+def zero_png(width, height):
+    """A grey PNG of zeros, deflated: a real decompression bomb when large (it decodes to width x height bytes)."""
+    packer = zlib.compressobj(9)
+    row = b"\0" * (width + 1)
+    body = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + png_chunk(b"IDAT", body) + png_chunk(b"IEND", b""))
+
+
+def test_image_sizes_come_from_the_headers_alone():
+    rng = np.random.default_rng(0)
+    jpeg = tf.io.encode_jpeg(rng.integers(0, 256, (600, 700, 3), dtype=np.uint8)).numpy()
+    app1 = b"\xff\xe1" + struct.pack(">H", 2 + 5000) + b"Exif\0" + bytes(4995)  # metadata before the frame
+    progressive = tf.io.encode_jpeg(np.zeros((40, 50, 1), np.uint8), progressive=True).numpy()
+    top_down = bytearray(bmp_24bit(rng.integers(0, 256, (3, 5, 3), dtype=np.uint8)))
+    top_down[22:26] = struct.pack("<i", -3)
+    cases = {  # what image_size says, and for the real files what the decoder makes of them
+        tf.io.encode_png(np.zeros((30, 40, 4), np.uint8)).numpy(): ("PNG", 40, 30, 1200),
+        jpeg: ("JPEG", 700, 600, 350 * 300),  # 600 >= 2 x 256 rows: decoded at half scale
+        jpeg[:2] + app1 + jpeg[2:]: ("JPEG", 700, 600, 350 * 300),
+        progressive: ("JPEG", 50, 40, 2000),
+        bmp_24bit(rng.integers(0, 256, (3, 5, 3), dtype=np.uint8)): ("BMP", 5, 3, 15),
+        bytes(top_down): ("BMP", 5, 3, 15),
+        ONE_PIXEL_GIF: ("GIF", 1, 1, 2),  # the screen, and the frame the decoder also holds
+        gif_with_frame((1, 1), (20000, 20000)): ("GIF", 1, 1, 1 + 20000 * 20000),
+        zero_png(20000, 3): ("PNG", 20000, 3, 60000),
+    }
+    for raw, expected in cases.items():
+        assert chc.image_size(raw) == expected
+    for raw in (b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0\x00", rng.bytes(300), b"RIFF....WEBPVP8 "):
+        assert chc.image_size(raw) is None
+    assert [chc.jpeg_ratio(w, h) for w, h in [(255, 4000), (600, 511), (600, 512), (5000, 1100), (12248, 8165)]] \
+        == [1, 1, 2, 4, 8]
+
+
+def test_an_image_over_the_pixel_limit_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(zero_png(3000, 2000))  # 6 megapixels from 10 kB
+    assert bomb.stat().st_size < 20_000
+    decoded = []
+    monkeypatch.setattr(tf.io, "decode_image", lambda *a, **k: decoded.append(1))
+    with pytest.raises(chc.InputError) as error:
+        chc.read_image(str(bomb), max_megapixels=5)
+    assert str(error.value) == (f"{bomb}: a 3000 x 2000 PNG image decodes to 6 megapixels, over the limit of 5; "
+                                "give --max-megapixels 6 to read it")
+    assert decoded == []
+    monkeypatch.undo()
+    assert (chc.read_image(str(bomb), max_megapixels=6) == 0).all()
+
+
+def test_a_large_jpeg_decoded_at_reduced_scale_looks_like_the_full_decode(tmp_path):
+    y, x = np.mgrid[0:1200, 0:1700] / 1000.0
+    smooth = np.stack([128 + 100 * np.sin(5 * x + 3 * y), 255 * x / 1.7, 255 * y / 1.2], -1).astype(np.uint8)
+    (tmp_path / "big.jpg").write_bytes(tf.io.encode_jpeg(smooth, quality=95).numpy())
+    reduced = chc.read_image(str(tmp_path / "big.jpg"))  # 1200 rows: decoded at 1/4 scale
+    full = chc.shrink_to_cifar(tf.io.decode_jpeg((tmp_path / "big.jpg").read_bytes()).numpy())
+    difference = np.abs(reduced.astype(int) - full)  # out of 255: the scaled IDCT rounds its own way
+    assert difference.max() <= 4 and difference.mean() <= 1.5, (difference.max(), difference.mean())
+
+
+def test_the_strip_by_strip_box_filter_equals_a_whole_image_area_resize():
+    rng = np.random.default_rng(1)
+    for shape in [(32, 32, 3), (33, 47, 3), (300, 100, 4), (200, 300, 1), (641, 480, 2)]:
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        image = chc.as_rgb(pixels)
+        side = min(shape[:2])
+        square = tf.image.resize_with_crop_or_pad(image, side, side)
+        expected = np.clip(np.round(tf.image.resize(square, (32, 32), method="area").numpy()), 0, 255)
+        np.testing.assert_array_equal(chc.shrink_to_cifar(pixels, strip_bytes=5000), expected)
+
+
 def test_predict_json_for_many_formats_with_a_corrupt_file_among_them(tmp_path, model_path, cifar_folder):
     data = chc.load_cifar(cifar_folder)
     paths = write_images(str(tmp_path), data)
@@ -126,6 +203,24 @@ def test_predict_json_for_many_formats_with_a_corrupt_file_among_them(tmp_path, 
     # A CIFAR-sized file passes unchanged: its prediction is the model's for the original array.
     np.testing.assert_array_equal(images[4], data.x_test[7])
     assert entries[4]["predictions"][0]["index"] == int(model.predict(data.x_test[7:8], verbose=0).argmax())
+
+
+def test_predict_refuses_an_image_over_the_limit_in_one_line_and_predicts_the_others(tmp_path, model_path, capsys):
+    (tmp_path / "bomb.png").write_bytes(zero_png(3000, 2000))
+    paths = [str(tmp_path / name) for name in ("a.png", "bomb.png", "b.jpg")]
+    (tmp_path / "a.png").write_bytes(tf.io.encode_png(np.full((40, 30, 3), 7, np.uint8)).numpy())
+    (tmp_path / "b.jpg").write_bytes(tf.io.encode_jpeg(np.full((900, 600, 3), 200, np.uint8)).numpy())
+    assert chc.main(["predict", *paths, "--model", model_path, "--json", "--max-megapixels", "5"]) == 2
+    printed = capsys.readouterr()
+    assert printed.err.strip().splitlines() == [
+        f"error: {paths[1]}: a 3000 x 2000 PNG image decodes to 6 megapixels, over the limit of 5; give "
+        "--max-megapixels 6 to read it"]
+    entries = json.loads(printed.out)
+    assert [e["file"] for e in entries] == paths and "error" in entries[1]
+    assert all(len(entries[i]["predictions"]) == 5 for i in (0, 2))
+    with pytest.raises(SystemExit) as exited:
+        chc.main(["predict", paths[0], "--max-megapixels", "0"])
+    assert exited.value.code == 2 and "--max-megapixels: must be a number > 0, got 0" in capsys.readouterr().err
 
 
 def test_predict_text_output(tmp_path, model_path, capsys):
