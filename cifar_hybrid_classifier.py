@@ -1833,68 +1833,90 @@ MAX_IMAGE_MEGAPIXELS = 100
 # A large JPEG is decoded at 1/2, 1/4 or 1/8 scale (the DCT does the first shrinking), keeping at least
 # this many pixels on its shorter side so that the final 32x32 box filter still averages 8x8 pixels.
 JPEG_MIN_DECODED_SIDE = 256
-_JPEG_FRAME_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0-15, less DHT, JPG and DAC
+def _png_size(raw):
+    if raw[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", raw[16:24])
+    return width, height, width * height
+
+
+def _bmp_size(raw):
+    core = struct.unpack("<I", raw[14:18])[0] == 12  # the oldest header has 16-bit sizes
+    width, height = struct.unpack("<HH", raw[18:22]) if core else struct.unpack("<ii", raw[18:26])
+    return abs(width), abs(height), abs(width * height)  # a negative height is a top-down BMP
+
+
+_JPEG_FRAMES = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0-15, less DHT, JPG and DAC
 
 
 def _jpeg_size(raw):
-    """Width and height from a JPEG's frame header (SOFn), walking the segments before it."""
+    """From the frame header (SOFn), walking the segments before it; decoded at `jpeg_ratio`'s scale."""
     i = 2
-    while i + 9 <= len(raw) and raw[i] == 0xFF:
+    while raw[i] == 0xFF:
         marker = raw[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
         elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
             i += 2
-        elif marker in _JPEG_FRAME_MARKERS:
+        elif marker in _JPEG_FRAMES:
             height, width = struct.unpack(">HH", raw[i + 5:i + 9])
-            return width, height
+            ratio = jpeg_ratio(width, height)
+            return width, height, -(-width // ratio) * -(-height // ratio)
         else:
             i += 2 + struct.unpack(">H", raw[i + 2:i + 4])[0]
     return None
 
 
-def _gif_frame_pixels(raw):
-    """The pixels of every frame a GIF declares: the decoder holds all of their rasters at once."""
-    flags, i, pixels = raw[10], 13, 0
-    if flags & 0x80:
-        i += 3 << ((flags & 7) + 1)  # global colour table
-    while i < len(raw):
-        block = raw[i]
-        if block == 0x2C:  # image descriptor: position, size, flags, then the image's data
-            if i + 10 > len(raw):
-                break
-            width, height, flags = struct.unpack("<HHB", raw[i + 5:i + 10])
-            pixels += width * height
-            i += 10 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0) + 1  # local colour table, LZW size
-        elif block == 0x21:  # extension: its label, then its data
+def _gif_size(raw):
+    """The canvas (the largest frame, or the screen) plus every frame: the decoder holds all their pixels."""
+    width, height, flags = struct.unpack("<HHB", raw[6:11])
+    i, frames = 13 + (3 << (flags & 7) + 1 if flags & 0x80 else 0), 0  # after the global colour table
+    while i < len(raw) and raw[i] in (0x2C, 0x21):
+        if raw[i] == 0x2C:  # an image: position, size, flags, local colour table, LZW code size, data
+            w, h, flags = struct.unpack("<HHB", raw[i + 5:i + 10])
+            width, height, frames = max(width, w), max(height, h), frames + w * h
+            i += 11 + (3 << (flags & 7) + 1 if flags & 0x80 else 0)
+        else:  # an extension: its label, then its data
             i += 2
-        else:  # the trailer, or damage the decoder will report
-            break
-        while i < len(raw) and raw[i]:  # data sub-blocks up to the empty one
+        while raw[i]:  # data sub-blocks up to the empty one
             i += raw[i] + 1
         i += 1
-    return pixels
+    return width, height, width * height + frames
+
+
+def _webp_size(raw):
+    """From the canvas (VP8X) or the one image (VP8 lossy, VP8L lossless); RGBA times the animation's frames."""
+    i, size, frames = 12, None, 0
+    while i + 8 <= len(raw) and raw[8:12] == b"WEBP":
+        kind, length = raw[i:i + 4], struct.unpack("<I", raw[i + 4:i + 8])[0]
+        data = raw[i + 8:i + 8 + length]
+        if kind == b"VP8X":
+            size = size or (1 + int.from_bytes(data[4:7], "little"), 1 + int.from_bytes(data[7:10], "little"))
+        elif kind == b"VP8 ":
+            size = size or (struct.unpack("<H", data[6:8])[0] & 0x3FFF, struct.unpack("<H", data[8:10])[0] & 0x3FFF)
+        elif kind == b"VP8L":
+            bits = struct.unpack("<I", data[1:5])[0]
+            size = size or (1 + (bits & 0x3FFF), 1 + (bits >> 14 & 0x3FFF))
+        frames += kind == b"ANMF"
+        i += 8 + length + (length & 1)
+    return None if size is None else (*size, size[0] * size[1] * max(frames, 1))
+
+
+# (how the file begins, format, its size function): each returns (width, height, pixels it decodes to)
+IMAGE_FORMATS = ((b"\x89PNG\r\n\x1a\n", "PNG", _png_size), (b"\xff\xd8", "JPEG", _jpeg_size),
+                 (b"GIF8", "GIF", _gif_size), (b"BM", "BMP", _bmp_size), (b"RIFF", "WebP", _webp_size))
 
 
 def image_size(raw):
     """(format, width, height, pixels to decode) from an image file's header, without decoding it; None
-    for a file that is not PNG, JPEG, GIF or BMP."""
-    if raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR" and len(raw) >= 24:
-        width, height = struct.unpack(">II", raw[16:24])
-        return "PNG", width, height, width * height
-    if raw[:6] in (b"GIF87a", b"GIF89a") and len(raw) >= 13:
-        width, height = struct.unpack("<HH", raw[6:10])
-        return "GIF", width, height, width * height + _gif_frame_pixels(raw)
-    if raw[:2] == b"BM" and len(raw) >= 26:
-        header = struct.unpack("<I", raw[14:18])[0]
-        width, height = struct.unpack("<HH" if header == 12 else "<ii", raw[18:22 if header == 12 else 26])
-        width, height = abs(width), abs(height)  # a negative height is a top-down BMP
-        return "BMP", width, height, width * height
-    size = _jpeg_size(raw) if raw[:2] == b"\xff\xd8" else None
-    if size is not None:
-        width, height = size
-        ratio = jpeg_ratio(width, height)
-        return "JPEG", width, height, -(-width // ratio) * -(-height // ratio)
+    for a file that is not PNG, JPEG, GIF, BMP or WebP, or whose header is cut short."""
+    for magic, kind, size in IMAGE_FORMATS:
+        if raw.startswith(magic):
+            try:
+                found = size(raw)
+            except (struct.error, IndexError):
+                return None
+            return None if found is None else (kind, *found)
     return None
 
 
@@ -1954,7 +1976,7 @@ def read_image(path, max_megapixels=MAX_IMAGE_MEGAPIXELS):
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
     header = image_size(raw)
     if header is None:
-        raise InputError(f"{path}: not a readable PNG, JPEG, BMP or GIF image")
+        raise InputError(f"{path}: not a readable PNG, JPEG, BMP, GIF or WebP image")
     kind, width, height, pixels = header
     if pixels > max_megapixels * 1e6:
         raise InputError(f"{path}: a {width} x {height} {kind} image decodes to {pixels / 1e6:.0f} megapixels, "
@@ -1966,10 +1988,10 @@ def read_image(path, max_megapixels=MAX_IMAGE_MEGAPIXELS):
     try:
         if kind == "JPEG":
             decoded = tf.io.decode_jpeg(encoded, ratio=jpeg_ratio(width, height))
-        else:  # PNG, BMP or GIF (its first frame); palettes expanded, 16-bit scaled to 8-bit
+        else:  # the first frame of a GIF or WebP; palettes expanded, 16-bit scaled to 8-bit
             decoded = tf.io.decode_image(encoded, expand_animations=False)
     except tf.errors.OpError:
-        raise InputError(f"{path}: not a readable PNG, JPEG, BMP or GIF image") from None
+        raise InputError(f"{path}: not a readable {kind} image") from None
     del encoded
     return shrink_to_cifar(np.asarray(decoded))  # a view of the tensor's pixels, not a copy
 

@@ -114,8 +114,7 @@ def signal_worker_after(text, worker, signum):
 
 
 @pytest.mark.parametrize("worker, signum", [(1, signal.SIGKILL), (0, signal.SIGSTOP)], ids=["killed", "frozen"])
-def test_lost_multi_worker_run_ends_with_one_line_resumes_and_only_the_chief_writes(worker, signum, tmp_path,
-                                                                                    cifar_tarball):
+def test_a_lost_worker_ends_the_run_in_one_line_and_a_rerun_resumes(worker, signum, tmp_path, cifar_tarball):
     # Every worker restores from the chief's backup folder: here a path both can read.
     args = ["--data", cifar_tarball, *TINY_ARGS, "--epochs", "3", "--checkpoint-dir", str(tmp_path / "backup")]
     act, sent = signal_worker_after("epoch 1/3", worker, signum)
@@ -128,6 +127,8 @@ def test_lost_multi_worker_run_ends_with_one_line_resumes_and_only_the_chief_wri
     assert "Traceback" not in logs[survivor]
     errors = [line for line in logs[survivor].splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "lost a peer worker" in errors[0] and "rerun every worker" in errors[0], errors
+    if signum == signal.SIGKILL:
+        return  # the rerun after a lost peer is the same either way: it runs once, after the freeze
     codes, logs, _, _ = run_two_workers(tmp_path, args, "resumed")
     assert codes == [0, 0], [log[-3000:] for log in logs]
     for log in logs:

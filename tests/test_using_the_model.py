@@ -99,8 +99,18 @@ def test_read_image_converts_any_mode_and_size_to_32x32_rgb(tmp_path):
     palette = read("palette.png", palette_png(np.zeros((4, 4), int), [[10, 200, 30]]))
     assert (palette == (10, 200, 30)).all()
     assert (read("pixel.gif", ONE_PIXEL_GIF) == read("pixel.gif", ONE_PIXEL_GIF)[0, 0]).all()
+    if hasattr(tf.io, "decode_webp"):  # TensorFlow 2.18 and later
+        for webp in (LOSSLESS_WEBP, LOSSY_WEBP):
+            assert (read("pixel.webp", webp) == read("pixel.webp", webp)[0, 0]).all()
     with pytest.raises(chc.InputError, match="not a readable"):
         read("bad.png", b"\x89PNG\r\n\x1a\n not really")
+
+
+LOSSLESS_WEBP = base64.b64decode("UklGRhoAAABXRUJQVlA4TA0AAAAvAAAAEAcQERGIiP4HAA==")  # one pixel each
+LOSSY_WEBP = base64.b64decode("UklGRiIAAABXRUJQVlA4IBYAAAAwAQCdASoBAAEADsD+JaQAA3AAAAAA")
+# An extended WebP's canvas (3000 x 2000, stored less one) and two empty animation frames.
+ANIMATED_WEBP = (b"RIFF\0\0\0\0WEBPVP8X\x0a\0\0\0\x02\0\0\0" + (2999).to_bytes(3, "little")
+                 + (1999).to_bytes(3, "little") + b"ANMF\0\0\0\0" * 2)
 
 
 def gif_with_frame(screen, frame):
@@ -132,13 +142,16 @@ def test_image_sizes_come_from_the_headers_alone():
         progressive: ("JPEG", 50, 40, 2000),
         bmp_24bit(rng.integers(0, 256, (3, 5, 3), dtype=np.uint8)): ("BMP", 5, 3, 15),
         bytes(top_down): ("BMP", 5, 3, 15),
-        ONE_PIXEL_GIF: ("GIF", 1, 1, 2),  # the screen, and the frame the decoder also holds
-        gif_with_frame((1, 1), (20000, 20000)): ("GIF", 1, 1, 1 + 20000 * 20000),
+        ONE_PIXEL_GIF: ("GIF", 1, 1, 2),  # the canvas, and the frame the decoder also holds
+        gif_with_frame((1, 1), (20000, 20000)): ("GIF", 20000, 20000, 2 * 20000 * 20000),  # canvas = largest frame
         zero_png(20000, 3): ("PNG", 20000, 3, 60000),
+        LOSSLESS_WEBP: ("WebP", 1, 1, 1),
+        LOSSY_WEBP: ("WebP", 1, 1, 1),
+        ANIMATED_WEBP: ("WebP", 3000, 2000, 2 * 3000 * 2000),  # the canvas for each frame
     }
     for raw, expected in cases.items():
         assert chc.image_size(raw) == expected
-    for raw in (b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0\x00", rng.bytes(300), b"RIFF....WEBPVP8 "):
+    for raw in (b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0\x00", rng.bytes(300), b"RIFF....WEBPVP8 ", b"GIF89a\1"):
         assert chc.image_size(raw) is None
     assert [chc.jpeg_ratio(w, h) for w, h in [(255, 4000), (600, 511), (600, 512), (5000, 1100), (12248, 8165)]] \
         == [1, 1, 2, 4, 8]
