@@ -1833,6 +1833,8 @@ MAX_IMAGE_MEGAPIXELS = 100
 # A large JPEG is decoded at 1/2, 1/4 or 1/8 scale (the DCT does the first shrinking), keeping at least
 # this many pixels on its shorter side so that the final 32x32 box filter still averages 8x8 pixels.
 JPEG_MIN_DECODED_SIDE = 256
+
+
 def _png_size(raw):
     if raw[12:16] != b"IHDR":
         return None
