@@ -99,13 +99,14 @@ LOST_PEER_SECONDS = 60
 
 
 def signal_worker_after(text, worker, signum):
-    """An `act` for `run_two_workers`: send `signum` to `worker` once the other's log shows `text`, and
-    kill it once the other has exited. Returns the act and a dict that gets the time the signal went."""
+    """An `act` for `run_two_workers`: send `signum` to `worker` once the chief's log shows `text` (it
+    logs an epoch after backing it up), and kill it once the other has exited. Returns the act and a
+    dict that gets the time the signal went."""
     sent = {}
 
     def act(texts, procs):
         other = procs[1 - worker]
-        if "at" not in sent and text in texts[1 - worker]:
+        if "at" not in sent and text in texts[0]:
             procs[worker].send_signal(signum)
             sent["at"] = time.time()
         if "at" in sent and other.poll() is not None and procs[worker].poll() is None:
