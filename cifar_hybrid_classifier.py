@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import difflib
 import functools
 import inspect
 import io
@@ -48,6 +49,7 @@ import tensorflow as tf
 import keras
 from keras import layers, ops
 
+__version__ = "1.0.0"
 NUM_CLASSES = 100
 NUM_COARSE = 20
 IMAGE_SHAPE = (32, 32, 3)
@@ -119,6 +121,12 @@ STEM_KINDS = ("pool", "patch", "full")
 MIN_EPOCHS_PER_SIZE = 14
 
 
+# The option groups of --help, each named at its first field in Config.
+OPTION_GROUPS = {"dataset": "data and output", "epochs": "training",
+                 "model_size": "model (a --model-size sets what the command line leaves open)",
+                 "validation_split": "advanced: the rest of the recipe"}
+
+
 def _option(default, help, type=None, **kwargs):
     """A dataclass field that also describes its command-line option."""
     return field(default=default, metadata={"help": help, "type": type, **kwargs})
@@ -139,10 +147,8 @@ class Config:
     fresh: bool = _option(False, "ignore an existing backup and start from scratch")
     tensorboard: str | None = _option(None, "also log each epoch's figures to this TensorBoard log folder "
                                       "(tensorboard --logdir DIR)", str)
-    validation_split: float = _option(0.1, "fraction of the training set held out, stratified, for model "
-                                      "selection", _open_fraction)
     seed: int = _option(42, "seed for Python, NumPy, TensorFlow, Keras and the input pipeline", int)
-    # Optimisation
+    # Training
     epochs: int = _option(14, "training epochs (ignored with --time-budget)", _positive_int)
     time_budget: float = _option(0.0, "minutes for the whole run, evaluation included: times the first "
                                  "steps, then fixes epochs and steps so the schedule completes in time; "
@@ -151,8 +157,40 @@ class Config:
                               "the number of replicas", _positive_int)
     learning_rate: float = _option(2e-3, "peak AdamW learning rate (reached after warm-up) for one replica; "
                                    "scaled linearly with the number of replicas", _positive_float)
+    distribute: str = _option("auto", "tf.distribute strategy; auto: multi-worker when TF_CONFIG names several "
+                              "workers, mirrored when several GPUs are visible, else none", str,
+                              choices=("auto", "none", "mirrored", "multi-worker"))
+    precision: str = _option("auto", "auto: mixed_float16 on a GPU, mixed_bfloat16 on a CPU with native "
+                             "bf16, else float32", str,
+                             choices=("auto", "float32", "mixed_bfloat16", "mixed_float16"))
+    tta: bool = _option(True, "test-time augmentation in the final evaluation: average the predictions for "
+                        "each image, its mirror image, and both shifted one pixel diagonally each way")
+    # Model
+    model_size: str = _option("auto", "small, base or large (README, \"Model sizes\"); auto: base, or with "
+                              "--time-budget the largest size this machine trains for at least "
+                              f"{MIN_EPOCHS_PER_SIZE} epochs in the budget", str,
+                              choices=("auto", *MODEL_SIZES))
+    stem_width: int = _option(32, "channels of the convolutional stem both branches read (32x32 image to a "
+                              "16x16 feature map); 0: no shared stem, the ViT embeds raw pixel patches",
+                              _non_negative_int)
+    cnn_widths: tuple = _option((128, 256), "channels of the CNN branch's stages after the stem; each stage "
+                                "halves the resolution", _widths)
+    patch_size: int = _option(4, "ViT patch size in pixels of its input, the stem's 16x16 feature map (the "
+                              "32x32 image with --stem-width 0); must divide that side", _positive_int)
+    embed_dim: int = _option(128, "ViT token width", _positive_int)
+    depth: int = _option(2, "number of transformer encoder blocks", _positive_int)
+    num_heads: int = _option(4, "attention heads; must divide --embed-dim", _positive_int)
+    head_units: int = _option(256, "width of the fusion head's hidden layer", _positive_int)
+    branches: str = _option("both", "which branches feed the fusion head (cnn or vit alone: for ablations)",
+                            str, choices=("both", "cnn", "vit"))
+    # Advanced
+    validation_split: float = _option(0.1, "fraction of the training set held out, stratified, for model "
+                                      "selection", _open_fraction)
     weight_decay: float = _option(0.05, "AdamW decoupled weight decay (not applied to biases, norms, "
                                   "CLS token and position embeddings)", _non_negative_float)
+    warmup_fraction: float = _option(0.1, "fraction of all steps spent in linear learning-rate warm-up "
+                                     "before the cosine decay", _rate)
+    label_smoothing: float = _option(0.1, "label smoothing of the cross-entropy loss", _rate)
     shift_lr_scale: float = _option(8.0, "learning-rate multiple for the batch norms' shifts (beta) in the "
                                     "stem and the CNN branch (README, \"Design\")", _positive_float)
     muon_step: float = _option(0.02, "peak angle (in radians, about) by which each Muon step turns a conv "
@@ -161,31 +199,11 @@ class Config:
     muon_rms: float = _option(0.0, "RMS, as a multiple of the learning rate, of the Muon steps of the ViT's "
                               "weight matrices and the fusion head's hidden layer; 0: those train with AdamW "
                               "(README, \"Design\")", _non_negative_float)
-    warmup_fraction: float = _option(0.1, "fraction of all steps spent in linear learning-rate warm-up "
-                                     "before the cosine decay", _rate)
-    label_smoothing: float = _option(0.1, "label smoothing of the cross-entropy loss", _rate)
-    distribute: str = _option("auto", "tf.distribute strategy; auto: multi-worker when TF_CONFIG names several "
-                              "workers, mirrored when several GPUs are visible, else none", str,
-                              choices=("auto", "none", "mirrored", "multi-worker"))
-    precision: str = _option("auto", "auto: mixed_float16 on a GPU, mixed_bfloat16 on a CPU with native "
-                             "bf16, else float32", str,
-                             choices=("auto", "float32", "mixed_bfloat16", "mixed_float16"))
-    # Augmentation
     crop_padding: int = _option(4, "pixels of padding before the random 32x32 crop (0 disables)", int)
     flip: bool = _option(True, "random horizontal flips")
     color_jitter: bool = _option(False, "random brightness and contrast jitter")
     cutout: int = _option(0, "side in pixels of a square hidden at a random place in each training image, "
                           "filled with the training images' mean colour (0 disables)", int)
-    tta: bool = _option(True, "test-time augmentation in the final evaluation: average the predictions for "
-                        "each image, its mirror image, and both shifted one pixel diagonally each way")
-    # Architecture (a named size sets the options below that the command line leaves open)
-    model_size: str = _option("auto", "small, base or large (README, \"Model sizes\"); auto: base, or with "
-                              "--time-budget the largest size this machine trains for at least "
-                              f"{MIN_EPOCHS_PER_SIZE} epochs in the budget", str,
-                              choices=("auto", *MODEL_SIZES))
-    stem_width: int = _option(32, "channels of the convolutional stem both branches read (32x32 image to a "
-                              "16x16 feature map); 0: no shared stem, the ViT embeds raw pixel patches",
-                              _non_negative_int)
     stem: str = _option("pool", "how the stem halves the resolution; pool: a conv3x3 at 32x32, max-pool, "
                         "conv3x3; patch: a 2x2 stride-2 conv, then a conv3x3 at 16x16 (13 %% faster, 1.5 "
                         "points less accurate at 12 epochs); full: pool with one more conv3x3 at 32x32 first",
@@ -194,17 +212,7 @@ class Config:
                                 "images' patches and keep it fixed (README, \"Design\")")
     identity_init: bool = _option(True, "start every later conv3x3 of the stem and the CNN branch as a partial "
                                   "identity (README, \"Design\")")
-    cnn_widths: tuple = _option((128, 256), "channels of the CNN branch's stages after the stem; each stage "
-                                "halves the resolution", _widths)
-    patch_size: int = _option(4, "ViT patch size in pixels of its input, the stem's 16x16 feature map (the "
-                              "32x32 image with --stem-width 0); must divide that side", _positive_int)
-    embed_dim: int = _option(128, "ViT token width", _positive_int)
-    depth: int = _option(2, "number of transformer encoder blocks", _positive_int)
-    num_heads: int = _option(4, "attention heads; must divide --embed-dim", _positive_int)
     mlp_ratio: float = _option(2.0, "transformer MLP width as a multiple of --embed-dim", _positive_float)
-    branches: str = _option("both", "which branches feed the fusion head (cnn or vit alone: for ablations)",
-                            str, choices=("both", "cnn", "vit"))
-    head_units: int = _option(256, "width of the fusion head's hidden layer", _positive_int)
     dropout: float = _option(0.0, "dropout inside the transformer (off by default: on a CPU it costs about "
                              "a quarter of the step time)", _rate)
     head_dropout: float = _option(0.1, "dropout in the fusion head", _rate)
@@ -214,22 +222,33 @@ class Config:
 PROG = "cifar_hybrid_classifier.py"
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """A usage error in one line and where to read more: the whole usage would bury the line that matters."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_arg_parser():
     """The training command line, generated from `Config` so the two never drift apart."""
-    parser = argparse.ArgumentParser(
-        prog=PROG,
+    parser = ArgumentParser(
+        prog=PROG, usage=f"{PROG} [train] [OPTION ...]\n       {PROG} predict|explain|evaluate|export ... (each with "
+                         "--help)",
         description="Train a hybrid CNN + Vision Transformer on CIFAR-100 (or CIFAR-10), evaluate it on the test set "
                     "and save it as a .keras file (the default command; it may also be named: train).",
         epilog=f"Using a saved model: {PROG} predict|explain IMAGE... | {PROG} evaluate | {PROG} export "
                "(each with --help).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
+        group = parser.add_argument_group(OPTION_GROUPS[f.name]) if f.name in OPTION_GROUPS else group
         flag = "--" + f.name.replace("_", "-")
         meta = dict(f.metadata)
         kwargs = {"default": f.default, "help": meta.pop("help")}
-        if f.type in ("bool", bool):
-            kwargs["action"] = argparse.BooleanOptionalAction
+        if f.type in ("bool", bool):  # a switch that is off by default needs no --no- form
+            kwargs["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
             meta.pop("type")
+        if f.default in (None, 0):  # None, 0 or off: its help says what that means, "(default: None)" would not
+            kwargs["default"] = argparse.SUPPRESS
         if f.name in MODEL_SIZES["base"]:  # left out unless given, so the model size can fill it in
             kwargs["help"] += " (default: from --model-size; base: " + \
                 (",".join(map(str, f.default)) if isinstance(f.default, tuple) else str(f.default)) + ")"
@@ -238,7 +257,8 @@ def build_arg_parser():
             kwargs["help"] += f" (default: {','.join(map(str, f.default))})"
             kwargs["default"] = argparse.SUPPRESS
         kwargs.update({k: v for k, v in meta.items() if v is not None})
-        parser.add_argument(flag, **kwargs)
+        group.add_argument(flag, **kwargs)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 
@@ -1696,7 +1716,8 @@ def describe_environment():
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     gpus = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
             for gpu in tf.config.list_physical_devices("GPU")]
-    return {"versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
+    return {"versions": {"cifar_hybrid_classifier": __version__, "python": platform.python_version(),
+                         "tensorflow": tf.__version__,
                          "keras": keras.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__},
             "hardware": {"cpu": cpu, "logical_cpus": os.cpu_count(), "gpus": gpus, "platform": platform.platform()}}
 
@@ -2411,7 +2432,7 @@ COMMANDS = {
 
 def build_command_parser(command):
     """The command lines of the commands that use a saved model (training's comes from `Config`)."""
-    parser = argparse.ArgumentParser(prog=f"{PROG} {command}", description=COMMANDS[command],
+    parser = ArgumentParser(prog=f"{PROG} {command}", description=COMMANDS[command],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if command in ("predict", "explain"):
         parser.add_argument("images", nargs="+", metavar="IMAGE",
@@ -2438,7 +2459,8 @@ def build_command_parser(command):
                             help="average the predictions for each image, its mirror image, and both "
                             "shifted one pixel diagonally each way (the training run's TTA)")
     if command == "export":
-        parser.add_argument("--format", default="all", choices=("savedmodel", "tflite", "all"))
+        parser.add_argument("--format", default="all", choices=("savedmodel", "tflite", "all"),
+                            help="what to write: a TensorFlow SavedModel folder, a TFLite file, or both")
         parser.add_argument("--output", metavar="PATH", help="path without extension for PATH.savedmodel (a "
                             "folder) and PATH.tflite (default: the model's path without .keras)")
     return parser
@@ -2586,7 +2608,13 @@ def evaluate_model(args):
 def main(argv=None):
     """`[train] [options]`, or a command that uses a saved model (`COMMANDS`); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("train", *COMMANDS) else "train"
+    commands = ("train", *COMMANDS)
+    if argv and not argv[0].startswith("-") and argv[0] not in commands:  # training takes no positional argument
+        close = difflib.get_close_matches(argv[0], commands, n=1)
+        print(f"error: unknown command '{argv[0]}'; " + (f"did you mean '{close[0]}'?" if close else
+              f"the commands are {', '.join(commands)} (see {PROG} --help)"), file=sys.stderr)
+        return 2
+    command = argv.pop(0) if argv and argv[0] in commands else "train"
     args = parse_config(argv) if command == "train" else build_command_parser(command).parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach logs as they happen
     try:

@@ -26,6 +26,36 @@ def test_invalid_values_exit_with_code_2(args, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, line", [
+    (["--epochs", "0"], "error: argument --epochs: must be an integer >= 1, got 0 (see cifar_hybrid_classifier.py "
+                        "--help)"),
+    (["--no-such-option"], "error: unrecognized arguments: --no-such-option (see cifar_hybrid_classifier.py --help)"),
+    (["predict", "x.png", "--top", "0"], "error: argument --top: must be an integer >= 1, got 0 (see "
+                                         "cifar_hybrid_classifier.py predict --help)"),
+])
+def test_a_usage_error_is_one_line_that_points_to_help(argv, line, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        chc.main(argv)
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines() == [line]
+
+
+def test_a_mistyped_command_gets_a_suggestion_and_version_is_printed(capsys):
+    assert chc.main(["prdict", "photo.jpg"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["error: unknown command 'prdict'; did you mean 'predict'?"]
+    assert chc.main(["photo.jpg"]) == 2
+    assert "the commands are train, predict, explain, evaluate, export" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        chc.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"cifar_hybrid_classifier.py {chc.__version__}\n"
+
+
+def test_help_shows_the_options_in_groups_without_empty_defaults():
+    help_text = chc.build_arg_parser().format_help()
+    titles = [line[:-1] for line in help_text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert titles == ["options", *chc.OPTION_GROUPS.values()]
+    assert "(default: None)" not in help_text and "--no-fresh" not in help_text and "--fresh" in help_text
+
+
 def test_config_and_command_line_mirror_each_other():
     defaults = chc.parse_config([])
     # --output gives the backup folder; without --time-budget the size "auto" is the base size

@@ -71,6 +71,7 @@ def test_script_trains_reports_and_saves(tmp_path, cifar_tarball):
     assert metrics["config"]["epochs"] == 2 and metrics["seed"] == 42 and metrics["epochs_trained"] == 2
     assert metrics["config"]["cnn_widths"] == [8, 16]
     assert {"python", "tensorflow", "keras", "numpy", "scikit-learn"} <= set(metrics["versions"])
+    assert metrics["versions"]["cifar_hybrid_classifier"] == chc.__version__
     assert metrics["hardware"]["logical_cpus"] >= 1 and metrics["hardware"]["cpu"]
     assert 0 < metrics["wall_time_seconds"] < 600
     assert all(set(p) == {"true", "predicted", "count"} for p in metrics["most_confused"])
