@@ -103,10 +103,10 @@ def _widths(text):
     return values
 
 
-# The size family: each size also scales the ViT heads and the fusion head (README, "Model sizes").
+# The size family: each size also scales the ViT heads and the fusion head (RESULTS.md, "Model sizes").
 # The large size spends its time on convolutions rather than ViT depth: on a CPU a ViT FLOP costs
 # over twice a conv FLOP, and in an hour CNN 224-448 with 2 blocks came within 0.24 point of CNN
-# 192-384 with 4 blocks on plain validation top-1 and beat it by 0.66 with TTA (README, "Ablations").
+# 192-384 with 4 blocks on plain validation top-1 and beat it by 0.66 with TTA (RESULTS.md, "Ablations").
 MODEL_SIZES = {
     "small": {"stem_width": 24, "cnn_widths": (64, 128), "embed_dim": 96, "depth": 2, "num_heads": 4,
               "head_units": 192},
@@ -166,7 +166,7 @@ class Config:
     tta: bool = _option(True, "test-time augmentation in the final evaluation: average the predictions for "
                         "each image, its mirror image, and both shifted one pixel diagonally each way")
     # Model
-    model_size: str = _option("auto", "small, base or large (README, \"Model sizes\"); auto: base, or with "
+    model_size: str = _option("auto", "small, base or large (RESULTS.md, \"Model sizes\"); auto: base, or with "
                               "--time-budget the largest size this machine trains for at least "
                               f"{MIN_EPOCHS_PER_SIZE} epochs in the budget", str,
                               choices=("auto", *MODEL_SIZES))
@@ -192,13 +192,13 @@ class Config:
                                      "before the cosine decay", _rate)
     label_smoothing: float = _option(0.1, "label smoothing of the cross-entropy loss", _rate)
     shift_lr_scale: float = _option(8.0, "learning-rate multiple for the batch norms' shifts (beta) in the "
-                                    "stem and the CNN branch (README, \"Design\")", _positive_float)
+                                    "stem and the CNN branch (docs/design.md)", _positive_float)
     muon_step: float = _option(0.02, "peak angle (in radians, about) by which each Muon step turns a conv "
                                "kernel of the stem and the CNN branch; 0: those kernels train with AdamW "
-                               "(README, \"Design\")", _non_negative_float)
+                               "(docs/design.md)", _non_negative_float)
     muon_rms: float = _option(0.0, "RMS, as a multiple of the learning rate, of the Muon steps of the ViT's "
                               "weight matrices and the fusion head's hidden layer; 0: those train with AdamW "
-                              "(README, \"Design\")", _non_negative_float)
+                              "(docs/design.md)", _non_negative_float)
     crop_padding: int = _option(4, "pixels of padding before the random 32x32 crop (0 disables)", int)
     flip: bool = _option(True, "random horizontal flips")
     color_jitter: bool = _option(False, "random brightness and contrast jitter")
@@ -209,9 +209,9 @@ class Config:
                         "points less accurate at 12 epochs); full: pool with one more conv3x3 at 32x32 first",
                         str, choices=STEM_KINDS)
     whiten_stem: bool = _option(True, "start the stem's first convolution as a whitening of the training "
-                                "images' patches and keep it fixed (README, \"Design\")")
+                                "images' patches and keep it fixed (docs/design.md)")
     identity_init: bool = _option(True, "start every later conv3x3 of the stem and the CNN branch as a partial "
-                                  "identity (README, \"Design\")")
+                                  "identity (docs/design.md)")
     mlp_ratio: float = _option(2.0, "transformer MLP width as a multiple of --embed-dim", _positive_float)
     dropout: float = _option(0.0, "dropout inside the transformer (off by default: on a CPU it costs about "
                              "a quarter of the step time)", _rate)
@@ -692,7 +692,7 @@ class BatchNormalization(layers.BatchNormalization):
 
     Keras computes the batch statistics and the normalization with separate ops, each a pass over
     the feature map with its own gradient; the fused kernel is one op forward and one backward,
-    which saves the base model's training step 8 % of its time on two CPU cores (README, "Design").
+    which saves the base model's training step 8 % of its time on two CPU cores (docs/design.md).
     Same weights, same results to float rounding. Inference, the other Keras backends and
     synchronized statistics take Keras's own path, so a saved model runs anywhere. The class keeps
     Keras's name because a .keras file files each layer's weights under its class name: models
@@ -747,7 +747,7 @@ class ConvStem(layers.Layer):
     runs at full resolution: on a CPU the batch norm and ReLU over 32x32 maps cost more time than
     their FLOPs suggest, and "full", one more conv3x3 at 32x32 in front, was a quarter slower for
     0.1 point. "patch" halves the resolution with a 2x2 stride-2 conv instead: 13 % faster, but 1.5
-    points less accurate after 12 epochs (README, "Ablations").
+    points less accurate after 12 epochs (RESULTS.md, "Ablations").
     """
 
     def __init__(self, width=32, synchronized_bn=False, kind=None, full_resolution_conv=False, **kwargs):
@@ -1018,7 +1018,7 @@ def _cpu_bf16_is_faster():
 
     The flags alone mislead: an AMD Zen 5 multiplies bf16 at twice float32's rate, but an Intel Xeon
     with avx512_bf16 and no AMX in a virtual machine measured 164 against 266 GFLOP/s, and trained
-    the default model at 376 images/s in bf16 against 590 in float32 (README, "Throughput").
+    the default model at 376 images/s in bf16 against 590 in float32 (RESULTS.md, "Throughput").
     Half a second of timing, once per process.
     """
     if not _cpu_has_native_bf16():
@@ -1046,7 +1046,7 @@ def _cpu_has_native_bf16():
 
 
 # ----------------------------------------------------------------------------
-# Trainer: a custom loop (see README, "Design") over a tf.distribute strategy.
+# Trainer: a custom loop (see docs/design.md) over a tf.distribute strategy.
 # ----------------------------------------------------------------------------
 
 @keras.saving.register_keras_serializable(package="cifar_hybrid")
@@ -1124,7 +1124,7 @@ class ShiftScaledAdamW(keras.optimizers.AdamW):
     the learning rate turn the small kernels (entries of about 0.04) fast, while the shifts, which
     decide where each ReLU cuts, move by the same amount on a scale of about 1 and lag behind.
     K. Jordan's airbench gives them 64x the rate under SGD ("scalebias"); 8x under AdamW ended 0.6
-    and 1.1 points higher on validation for two seeds here (README, "Ablations").
+    and 1.1 points higher on validation for two seeds here (RESULTS.md, "Ablations").
 
     With `muon_step` > 0 the conv kernels in `kernels` take Muon steps instead (K. Jordan's Muon, as
     airbench applies it to its convs): the Nesterov momentum of the gradient, orthogonalized, and
@@ -1271,7 +1271,7 @@ def is_chief(strategy):
 
 
 class TrainingBackup:
-    """The training state a rerun resumes from (README, "Interrupting and resuming").
+    """The training state a rerun resumes from (docs/reference.md, "Interrupting and resuming").
 
     TensorFlow's CheckpointManager over the weights (with the dropout seed state), the AdamW state,
     the schedule's moving horizon, the best-validation weights and the progress of `trainer`,
@@ -1374,7 +1374,7 @@ class TrainingBackup:
 
 class TimePlan:
     """--time-budget: epochs and steps per epoch from the pace measured on this machine, re-planned
-    after every epoch so the run ends within its budget (README, "Training within a time budget").
+    after every epoch so the run ends within its budget (docs/reference.md, "Training within a time budget").
 
     It sets `trainer.epochs`, `steps_per_epoch` and `total_steps`, and moves the schedule's horizon.
     """
@@ -1788,7 +1788,7 @@ def write_atomically(path, content):
     a rename: an interrupted write never leaves half a file and never touches the previous one.
 
     As databases do it: the file is fsynced before the rename and the folder after it, so even a power
-    cut leaves either the old file or the whole new one under `path` (README, "Interrupting and resuming").
+    cut leaves either the old file or the whole new one under `path` (docs/reference.md, "Interrupting and resuming").
     """
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
@@ -1988,7 +1988,8 @@ def shrink_to_cifar(pixels, strip_bytes=1 << 24):
 
 
 def read_image(path, max_megapixels=MAX_IMAGE_MEGAPIXELS):
-    """An image file as 32x32 RGB uint8, shrunk the way CIFAR images were (README, "Predicting your own images").
+    """An image file as 32x32 RGB uint8, shrunk the way CIFAR images were (docs/reference.md, "Predicting
+    your own images").
 
     Its size is read from its header first: an image that would decode to more than `max_megapixels`
     is refused before any pixel is decoded."""
@@ -2021,7 +2022,7 @@ def read_image(path, max_megapixels=MAX_IMAGE_MEGAPIXELS):
 
 # Test-time augmentation: (rows down, columns right, weight) of each view, taken of the image and of its
 # mirror image. Chosen on validation data: besides the mirror image, the two one-pixel diagonal shifts
-# at half weight added 0.6-0.9 point of validation top-1 (README, "Test-time augmentation").
+# at half weight added 0.6-0.9 point of validation top-1 (RESULTS.md, "Test-time augmentation").
 TTA_VIEWS = ((0, 0, 1.0), (1, 1, 0.5), (-1, -1, 0.5))
 
 
