@@ -90,7 +90,6 @@ _positive_float = _checked(float, lambda v: 0 < v < math.inf, "a number > 0")
 _non_negative_float = _checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 _open_fraction = _checked(float, lambda v: 0 < v < 1, "strictly between 0 and 1")
 _rate = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
-_non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 
 
 def _widths(text):
@@ -115,7 +114,6 @@ MODEL_SIZES = {
     "large": {"stem_width": 48, "cnn_widths": (224, 448), "embed_dim": 192, "depth": 2, "num_heads": 6,
               "head_units": 384},
 }
-STEM_KINDS = ("pool", "patch", "full")
 # With --time-budget: the base size trained 14 epochs is the one-hour recipe of the slow machines,
 # and five times the epochs bought that size only five points, so more time buys a larger size first.
 MIN_EPOCHS_PER_SIZE = 14
@@ -171,12 +169,11 @@ class Config:
                               f"{MIN_EPOCHS_PER_SIZE} epochs in the budget", str,
                               choices=("auto", *MODEL_SIZES))
     stem_width: int = _option(32, "channels of the convolutional stem both branches read (32x32 image to a "
-                              "16x16 feature map); 0: no shared stem, the ViT embeds raw pixel patches",
-                              _non_negative_int)
+                              "16x16 feature map)", _positive_int)
     cnn_widths: tuple = _option((128, 256), "channels of the CNN branch's stages after the stem; each stage "
                                 "halves the resolution", _widths)
-    patch_size: int = _option(4, "ViT patch size in pixels of its input, the stem's 16x16 feature map (the "
-                              "32x32 image with --stem-width 0); must divide that side", _positive_int)
+    patch_size: int = _option(4, "ViT patch size in pixels of its input, the stem's 16x16 feature map; must "
+                              "divide 16", _positive_int)
     embed_dim: int = _option(128, "ViT token width", _positive_int)
     depth: int = _option(2, "number of transformer encoder blocks", _positive_int)
     num_heads: int = _option(4, "attention heads; must divide --embed-dim", _positive_int)
@@ -196,18 +193,8 @@ class Config:
     muon_step: float = _option(0.02, "peak angle (in radians, about) by which each Muon step turns a conv "
                                "kernel of the stem and the CNN branch; 0: those kernels train with AdamW "
                                "(docs/design.md)", _non_negative_float)
-    muon_rms: float = _option(0.0, "RMS, as a multiple of the learning rate, of the Muon steps of the ViT's "
-                              "weight matrices and the fusion head's hidden layer; 0: those train with AdamW "
-                              "(docs/design.md)", _non_negative_float)
     crop_padding: int = _option(4, "pixels of padding before the random 32x32 crop (0 disables)", int)
     flip: bool = _option(True, "random horizontal flips")
-    color_jitter: bool = _option(False, "random brightness and contrast jitter")
-    cutout: int = _option(0, "side in pixels of a square hidden at a random place in each training image, "
-                          "filled with the training images' mean colour (0 disables)", int)
-    stem: str = _option("pool", "how the stem halves the resolution; pool: a conv3x3 at 32x32, max-pool, "
-                        "conv3x3; patch: a 2x2 stride-2 conv, then a conv3x3 at 16x16 (13 %% faster, 1.5 "
-                        "points less accurate at 12 epochs); full: pool with one more conv3x3 at 32x32 first",
-                        str, choices=STEM_KINDS)
     whiten_stem: bool = _option(True, "start the stem's first convolution as a whitening of the training "
                                 "images' patches and keep it fixed (docs/design.md)")
     identity_init: bool = _option(True, "start every later conv3x3 of the stem and the CNN branch as a partial "
@@ -279,8 +266,6 @@ def parse_config(argv=None):
         apply_model_size(config, config.sizes[0])
     if config.crop_padding < 0 or config.crop_padding >= IMAGE_SHAPE[0]:  # reflection needs a wider image
         parser.error(f"--crop-padding must be between 0 and {IMAGE_SHAPE[0] - 1}, got {config.crop_padding}")
-    if config.cutout < 0 or config.cutout >= IMAGE_SHAPE[0]:  # a whole-image square would hide everything
-        parser.error(f"--cutout must be between 0 and {IMAGE_SHAPE[0] - 1}, got {config.cutout}")
     if config.checkpoint_dir is None:
         config.checkpoint_dir = os.path.splitext(config.output)[0] + ".backup"
     if os.path.abspath(config.checkpoint_dir) == os.path.abspath(config.output):
@@ -292,7 +277,7 @@ def architecture_error(config):
     """What is wrong with the architecture options, or None."""
     if config.embed_dim % config.num_heads:
         return f"--num-heads {config.num_heads} must divide --embed-dim {config.embed_dim}"
-    side = IMAGE_SHAPE[0] // 2 if config.stem_width else IMAGE_SHAPE[0]  # what the ViT branch reads
+    side = IMAGE_SHAPE[0] // 2  # the stem's feature map, which the ViT branch reads
     if side % config.patch_size:
         return f"--patch-size {config.patch_size} must divide {side}, the side of the ViT branch's input"
     return None
@@ -498,18 +483,13 @@ class AugmentationPipeline:
     however many threads map them.
     """
 
-    def __init__(self, images, labels, batch_size, seed=0, crop_padding=4, flip=True, color_jitter=False,
-                 cutout=0):
+    def __init__(self, images, labels, batch_size, seed=0, crop_padding=4, flip=True):
         self.images = tf.constant(images)   # one tensor, gathered by index: no per-epoch copy
         self.labels = tf.constant(labels, dtype=tf.int32)
         self.batch_size = batch_size
         self.seed = seed
         self.crop_padding = crop_padding
         self.flip = flip
-        self.color_jitter = color_jitter
-        self.cutout = cutout
-        # The hidden square gets the mean colour, which the model's standardization maps to zero.
-        self.fill = tf.constant(np.round(np.mean(images, axis=(0, 1, 2))).astype(np.uint8)) if cutout else None
 
     def __len__(self):
         return int(self.labels.shape[0])
@@ -520,6 +500,7 @@ class AugmentationPipeline:
     def _augment(self, index, batch_seed):
         images = tf.gather(self.images, index)
         n = tf.shape(index)[0]
+        # Four streams, of which crops and flips use two: the split keeps the draws of earlier runs.
         seeds = tf.random.experimental.stateless_split(batch_seed, num=4)
         if self.crop_padding:
             p = self.crop_padding
@@ -533,24 +514,6 @@ class AugmentationPipeline:
         if self.flip:
             flips = tf.random.stateless_uniform((n, 1, 1, 1), seeds[1]) < 0.5
             images = tf.where(flips, tf.reverse(images, axis=[2]), images)
-        if self.color_jitter:
-            x = tf.cast(images, tf.float32) / 255.0
-            brightness = tf.random.stateless_uniform((n, 1, 1, 1), seeds[2], -0.2, 0.2)
-            contrast = tf.random.stateless_uniform((n, 1, 1, 1), seeds[3], 0.8, 1.2)
-            x = x + brightness
-            mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
-            x = (x - mean) * contrast + mean
-            images = tf.cast(tf.round(tf.clip_by_value(x, 0.0, 1.0) * 255.0), tf.uint8)
-        if self.cutout:
-            # A square wholly inside the image, so every image loses the same area (as in airbench96).
-            s = self.cutout
-            cutout_seed = tf.random.experimental.stateless_split(seeds[3], num=1)[0]
-            corners = tf.random.stateless_uniform((2, n), cutout_seed, 0, IMAGE_SHAPE[0] - s + 1, tf.int32)
-            window = tf.range(IMAGE_SHAPE[0])[None, :]
-            rows = (window >= corners[0][:, None]) & (window < corners[0][:, None] + s)
-            columns = (window >= corners[1][:, None]) & (window < corners[1][:, None] + s)
-            hidden = rows[:, :, None, None] & columns[:, None, :, None]
-            images = tf.where(hidden, self.fill, images)
         return images, tf.gather(self.labels, index)
 
     def train_dataset(self, epoch):
@@ -720,20 +683,19 @@ def batch_norm_relu(policy, synchronized_bn=False):
     return [BatchNormalization(momentum=0.9, synchronized=synchronized_bn, dtype=policy), layers.ReLU(dtype=policy)]
 
 
-def conv_stage(width, policy, synchronized_bn=False, first=False, patch=False):
+def conv_stage(width, policy, synchronized_bn=False, first=False):
     """The layers of one CNN stage: conv3x3 -> max-pool -> BN -> ReLU -> conv3x3 -> BN -> ReLU.
 
     Pooling right after the first conv makes the second one four times cheaper, which matters on a
-    CPU. `patch` halves the resolution with a 2x2 stride-2 conv instead of conv3x3 and max-pool.
-    `first` puts a full-resolution conv3x3 -> BN -> ReLU in front: the image's own stem.
+    CPU. `first` puts a full-resolution conv3x3 -> BN -> ReLU in front: the image's own stem (models
+    saved before the shared stem).
     """
     def conv():
         return layers.Conv2D(width, 3, padding="same", use_bias=False, dtype=policy)
 
     head = [conv(), *batch_norm_relu(policy, synchronized_bn)] if first else []
-    head += [layers.Conv2D(width, 2, strides=2, use_bias=False, dtype=policy)] if patch else \
-        [conv(), layers.MaxPooling2D(2, dtype=policy)]
-    return head + [*batch_norm_relu(policy, synchronized_bn), conv(), *batch_norm_relu(policy, synchronized_bn)]
+    return head + [conv(), layers.MaxPooling2D(2, dtype=policy), *batch_norm_relu(policy, synchronized_bn),
+                   conv(), *batch_norm_relu(policy, synchronized_bn)]
 
 
 @keras.saving.register_keras_serializable(package="cifar_hybrid")
@@ -743,23 +705,19 @@ class ConvStem(layers.Layer):
     The ViT branch then embeds patches of learned features instead of raw pixels (the "hybrid"
     ViT of Dosovitskiy et al. 2020, the convolutional tokenizer of CCT), and the CNN branch
     continues from the same map, so the two branches pay for these convolutions once.
-    `kind="pool"` (the default) is a conv stage: conv3x3 at 32x32, max-pool, conv3x3. No other conv
-    runs at full resolution: on a CPU the batch norm and ReLU over 32x32 maps cost more time than
-    their FLOPs suggest, and "full", one more conv3x3 at 32x32 in front, was a quarter slower for
-    0.1 point. "patch" halves the resolution with a 2x2 stride-2 conv instead: 13 % faster, but 1.5
-    points less accurate after 12 epochs (RESULTS.md, "Ablations").
+    It is one conv stage: conv3x3 at 32x32, max-pool, conv3x3. No other conv runs at full
+    resolution: on a CPU the batch norm and ReLU over 32x32 maps cost more time than their FLOPs
+    suggest (RESULTS.md, "Ablations": the stems tried).
     """
 
-    def __init__(self, width=32, synchronized_bn=False, kind=None, full_resolution_conv=False, **kwargs):
+    def __init__(self, width=32, synchronized_bn=False, kind="pool", full_resolution_conv=False, **kwargs):
         super().__init__(**kwargs)
+        # Configs saved by earlier versions name the stem's kind ("pool"), or before that its absence.
+        if kind != "pool" or full_resolution_conv:
+            raise ValueError(f"the {kind if kind != 'pool' else 'full'} stem is no longer built; only the pool stem")
         self.width = int(width)
         self.synchronized_bn = bool(synchronized_bn)
-        # Configs saved before `kind` existed name the full-resolution conv instead.
-        self.kind = kind or ("full" if full_resolution_conv else "pool")
-        if self.kind not in STEM_KINDS:
-            raise ValueError(f"stem kind must be one of {', '.join(STEM_KINDS)}, got {self.kind!r}")
-        self.stack = keras.Sequential(conv_stage(self.width, self.dtype_policy, self.synchronized_bn,
-                                                 first=self.kind == "full", patch=self.kind == "patch"), name="stem")
+        self.stack = keras.Sequential(conv_stage(self.width, self.dtype_policy, self.synchronized_bn), name="stem")
 
     def build(self, input_shape):
         self.stack.build(input_shape)
@@ -768,8 +726,7 @@ class ConvStem(layers.Layer):
         return self.stack(images, training=training)
 
     def get_config(self):
-        return {**super().get_config(), "width": self.width, "synchronized_bn": self.synchronized_bn,
-                "kind": self.kind}
+        return {**super().get_config(), "width": self.width, "synchronized_bn": self.synchronized_bn}
 
 
 @keras.saving.register_keras_serializable(package="cifar_hybrid")
@@ -910,11 +867,10 @@ def build_model(config, dtype=None, synchronized_bn=False, class_names=None):
     spec = DATASETS[config.dataset]
     inputs = keras.Input(IMAGE_SHAPE, dtype="float32", name="image")
     x = ImageStandardization(spec["mean"], spec["std"], dtype=dtype, name="standardize")(inputs)
-    stem = ConvStem(config.stem_width, synchronized_bn, config.stem, dtype=dtype, name="stem")(x) \
-        if config.stem_width else x
+    stem = ConvStem(config.stem_width, synchronized_bn, dtype=dtype, name="stem")(x)
     features = []
     if config.branches in ("both", "cnn"):
-        features.append(CNNBranch(config.cnn_widths, synchronized_bn, stem=not config.stem_width, dtype=dtype,
+        features.append(CNNBranch(config.cnn_widths, synchronized_bn, stem=False, dtype=dtype,
                                   name="cnn_branch")(stem))
     if config.branches in ("both", "vit"):
         features.append(ViTBranch(config.patch_size, config.embed_dim, config.depth, config.num_heads,
@@ -978,7 +934,7 @@ def identity_init(model):
 
 def initialize_convolutions(model, config, images, samples=5000):
     """The starts the options ask for: the whitened stem (from `images`) and the identity convolutions."""
-    if config.whiten_stem and config.stem_width:
+    if config.whiten_stem:
         whiten_stem(model, images, samples=samples)
     if config.identity_init:
         identity_init(model)
@@ -1129,90 +1085,50 @@ class ShiftScaledAdamW(keras.optimizers.AdamW):
     With `muon_step` > 0 the conv kernels in `kernels` take Muon steps instead (K. Jordan's Muon, as
     airbench applies it to its convs): the Nesterov momentum of the gradient, orthogonalized, and
     the kernel kept at a fixed norm, which batch norm makes free to choose, so each step turns the
-    kernel by a set angle: `muon_step` times the schedule's fraction of its peak.
-
-    With `muon_rms` > 0 the weight matrices in `matrices`, pairs (kernel, columns of its matrix
-    view), take Muon steps too. No batch norm follows them, so their scale matters: as in Moonlight
-    (Liu et al. 2025) each step is the orthogonalized momentum scaled to an RMS of `muon_rms` times
-    the learning rate (0.2 matches AdamW's typical step), and AdamW's weight decay still applies.
+    kernel by a set angle: `muon_step` times the schedule's fraction of its peak. The ViT's and the
+    head's matrices stay with AdamW: Muon for them too lost an hour's run (RESULTS.md, "Ablations").
     """
 
     def __init__(self, learning_rate, shifts=(), shift_lr_scale=1.0, kernels=(), muon_step=0.0,
-                 matrices=(), muon_rms=0.0, muon_momentum=0.9, **kwargs):
+                 muon_momentum=0.9, **kwargs):
         super().__init__(learning_rate, **kwargs)
         self.shifts, self.shift_lr_scale = list(shifts), float(shift_lr_scale)
         self.kernels = list(kernels) if muon_step > 0 else []
-        self.matrices = list(matrices) if muon_rms > 0 else []
-        self.muon_step, self.muon_rms, self.muon_momentum = float(muon_step), float(muon_rms), float(muon_momentum)
+        self.muon_step, self.muon_momentum = float(muon_step), float(muon_momentum)
         self._peak = learning_rate.peak if isinstance(learning_rate, WarmupCosine) else float(learning_rate)
 
     def build(self, variables):
         # In a distributed step the update sees TensorFlow's own variables: match them by key.
         self._shift_keys = {self._var_key(v) for v in self.shifts}
         self._kernel_keys = {self._var_key(v) for v in self.kernels}
-        self._matrix_columns = {self._var_key(v): columns for v, columns in self.matrices}
         super().build(variables)
 
     def update_step(self, gradient, variable, learning_rate):
         key = self._var_key(variable)
         if key in self._kernel_keys:
             return self._conv_muon_step(gradient, variable, learning_rate)
-        if key in self._matrix_columns:
-            return self._matrix_muon_step(gradient, variable, learning_rate, self._matrix_columns[key])
         if key in self._shift_keys:
             learning_rate = learning_rate * self.shift_lr_scale
         super().update_step(gradient, variable, learning_rate)
 
-    def _muon_direction(self, gradient, variable, columns):
-        """The Nesterov momentum of the gradient, orthogonalized as a matrix of `columns` columns."""
-        momentum = self._momentums[self._get_variable_index(variable)]  # AdamW's first moment slot
-        self.assign(momentum, momentum * self.muon_momentum + gradient)
-        update = gradient + self.muon_momentum * momentum
-        return ops.reshape(orthogonalized(ops.reshape(update, (-1, columns))), variable.shape)
-
     def _conv_muon_step(self, gradient, variable, learning_rate):
         filters = variable.shape[-1]
-        direction = self._muon_direction(gradient, variable, filters)
+        momentum = self._momentums[self._get_variable_index(variable)]  # AdamW's first moment slot
+        self.assign(momentum, momentum * self.muon_momentum + gradient)
+        update = gradient + self.muon_momentum * momentum  # Nesterov
+        direction = ops.reshape(orthogonalized(ops.reshape(update, (-1, filters))), variable.shape)
         scale = math.sqrt(filters)  # the norm of an orthogonal matrix of that many columns
         kept = variable * (scale / (ops.sqrt(ops.sum(ops.square(variable))) + 1e-12))
         self.assign(variable, kept - (self.muon_step * learning_rate / self._peak) * direction)
 
-    def _matrix_muon_step(self, gradient, variable, learning_rate, columns):
-        rows = math.prod(variable.shape) // columns
-        # An orthogonal rows x columns matrix has an RMS of 1 / sqrt(max(rows, columns)).
-        scale = self.muon_rms * math.sqrt(max(rows, columns))
-        self.assign_sub(variable, (learning_rate * scale) * self._muon_direction(gradient, variable, columns))
-
-
-def muon_matrices(model):
-    """(kernel, columns) of the ViT's weight matrices and the fusion head's hidden layer.
-
-    The classifier stays with AdamW, as in Muon's own recipes. The attention's query, key and value
-    kernels are (width, heads, head width): one matrix of width x (heads x head width).
-    """
-    found = []
-    for part in model.layers:
-        if part.name == "fusion_head":
-            found.append((part.hidden.kernel, part.hidden.kernel.shape[-1]))
-        if part.name != "vit_branch":
-            continue
-        for layer in part._flatten_layers():
-            if isinstance(layer, PatchEmbedding):
-                found.append((layer.projection.kernel, layer.embed_dim))
-            elif isinstance(layer, (layers.Dense, layers.EinsumDense)):
-                shape = layer.kernel.shape
-                found.append((layer.kernel, math.prod(shape[1:]) if layer.name in ("query", "key", "value")
-                              else shape[-1]))
-    return found
-
 
 def make_optimizer(model, config, learning_rate):
-    """The optimizer `config` asks for, over `model`'s batch-norm shifts, conv kernels and matrices."""
+    """The optimizer `config` asks for, over `model`'s batch-norm shifts and conv kernels."""
     shifts = [layer.beta for layer in model._flatten_layers() if isinstance(layer, BatchNormalization)]
     kernels = [layer.kernel for part in model.layers if part.name in ("stem", "cnn_branch")
                for layer in part.stack.layers if isinstance(layer, layers.Conv2D) and layer.trainable]
     optimizer = ShiftScaledAdamW(learning_rate, shifts, config.shift_lr_scale, kernels, config.muon_step,
-                                 muon_matrices(model), config.muon_rms, weight_decay=config.weight_decay)
+                                 weight_decay=config.weight_decay)
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "cls_token", "position_embedding"])
     return optimizer
 
@@ -1280,7 +1196,10 @@ class TrainingBackup:
     """
 
     RESUME_IGNORES = ("data", "output", "checkpoint_dir", "fresh", "tta", "tensorboard")  # may change on resume
-    ADDED_OPTIONS = {"cutout": 0, "shift_lr_scale": 1.0, "muon_step": 0.0, "muon_rms": 0.0}  # how backups made before these options existed ran
+    # Options older backups lack, as those runs trained; options since removed, as this code trains. A
+    # backup resumes only where both sides agree, so a run that used a removed option is refused.
+    ADDED_OPTIONS = {"shift_lr_scale": 1.0, "muon_step": 0.0}
+    REMOVED_OPTIONS = {"cutout": 0, "color_jitter": False, "muon_rms": 0.0, "stem": "pool"}
 
     @classmethod
     def fingerprint(cls, config):
@@ -1335,8 +1254,8 @@ class TrainingBackup:
             return False
         try:
             saved = json.loads(tf.train.load_variable(path, "config/.ATTRIBUTES/VARIABLE_VALUE"))
-            saved = {**self.ADDED_OPTIONS, **saved}
-            ours = json.loads(self.fingerprint(t.config))
+            saved = {**self.ADDED_OPTIONS, **self.REMOVED_OPTIONS, **saved}
+            ours = {**self.REMOVED_OPTIONS, **json.loads(self.fingerprint(t.config))}
             changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {v}" for k, v in ours.items() if saved.get(k) != v]
             if changed:
                 raise InputError(f"the backup in {folder} is from a run with other options ({'; '.join(changed)}); "
@@ -1467,7 +1386,7 @@ class Trainer:
         self._split()
         self.train_pipeline = AugmentationPipeline(
             self.x_train, self.y_train, self.global_batch, config.seed,
-            config.crop_padding, config.flip, config.color_jitter, config.cutout)
+            config.crop_padding, config.flip)
         self.val_pipeline = AugmentationPipeline(self.x_val, self.y_val, config.batch_size)
         self.steps_per_epoch = self.train_pipeline.steps_per_epoch()
         if self.steps_per_epoch < 1:

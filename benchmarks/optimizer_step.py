@@ -2,9 +2,8 @@
 
     python benchmarks/optimizer_step.py [--rounds N] [training options]
 
-Three settings of the same model: AdamW for every weight (`--muon-step 0 --muon-rms 0`),
-Muon for the conv kernels (`--muon-rms 0`), and Muon for the ViT's and the head's matrices too
-(`--muon-rms 0.2` unless the options give another). The Newton-Schulz iterations add few FLOPs
+Two settings of the same model: AdamW for every weight (`--muon-step 0`) and Muon for the conv
+kernels (the default). The Newton-Schulz iterations add few FLOPs
 but many small ops. The steps alternate, one timing of each per round, so a shared host's
 drifting speed hits all alike; the figures are medians over the rounds.
 """
@@ -26,9 +25,8 @@ def main(argv=None):
     args, training_options = parser.parse_known_args(argv)
     config = chc.parse_config(training_options)
     step = config.muon_step or chc.Config.muon_step
-    settings = {"adamw": dataclasses.replace(config, muon_step=0.0, muon_rms=0.0),
-                "muon_convs": dataclasses.replace(config, muon_step=step, muon_rms=0.0),
-                "muon_all": dataclasses.replace(config, muon_step=step, muon_rms=config.muon_rms or 0.2)}
+    settings = {"adamw": dataclasses.replace(config, muon_step=0.0),
+                "muon_convs": dataclasses.replace(config, muon_step=step)}
     timers = {name: (lambda setting=setting: chc.time_training_step(setting, repeats=7))
               for name, setting in settings.items()}
     seconds = time_in_turn(timers, args.rounds)

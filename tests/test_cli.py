@@ -17,7 +17,8 @@ SCRIPT = os.path.join(ROOT, "cifar_hybrid_classifier.py")
     ["--embed-dim", "30", "--num-heads", "4"], ["--validation-split", "0"], ["--validation-split", "1"],
     ["--validation-split", "1.5"], ["--learning-rate", "0"], ["--precision", "float64"],
     ["--dropout", "1"], ["--cnn-widths", "64,x"], ["--crop-padding", "-1"], ["--crop-padding", "32"],
-    ["--cutout", "-1"], ["--cutout", "32"], ["--no-such-option"],
+    ["--stem-width", "0"], ["--cutout", "8"], ["--muon-rms", "0.2"], ["--stem", "pool"], ["--color-jitter"],
+    ["--no-such-option"],
 ])
 def test_invalid_values_exit_with_code_2(args, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -358,38 +358,10 @@ def test_orthogonalized_matrices_have_singular_values_near_one():
         assert 0.6 < singular.min() and singular.max() < 1.25
 
 
-def test_muon_rms_steps_the_vit_and_head_matrices_at_that_rms_and_leaves_the_classifier_to_adamw(cifar_folder):
-    config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS, "--warmup-fraction", "0",
-                               "--learning-rate", "0.01", "--muon-rms", "0.2", "--weight-decay", "0.05"])
-    trainer = chc.Trainer(config, chc.load_cifar(cifar_folder), log=lambda *_: None)
-    matrices = chc.muon_matrices(trainer.model)
-    # The patch embedding, per block the query, key, value and output kernels and the MLP's two,
-    # and the fusion head's hidden layer.
-    assert len(matrices) == 1 + 6 * config.depth + 1
-    head = trainer.model.get_layer("fusion_head")
-    assert all(kernel is not head.classifier.kernel for kernel, _ in matrices)
-    before = [kernel.numpy() for kernel, _ in matrices], head.classifier.kernel.numpy()
-    images, labels = next(iter(trainer.train_pipeline.train_dataset(0)))
-    trainer._train_step(images, labels)
-    full = 0
-    for (kernel, columns), old in zip(matrices, before[0]):
-        step = (kernel.numpy() - old * (1 - 0.01 * 0.05)).reshape(-1, columns)  # less the weight decay
-        rms, singular = np.sqrt(np.mean(np.square(step))), np.linalg.svd(step, compute_uv=False)
-        # Orthogonalized: every direction the gradient has moves at about one scale, the one that
-        # gives a gradient of full rank an RMS of 0.2 x the rate (0.002). In the first step the
-        # query and key gradients have a rank of one or two, so their steps are smaller.
-        expected = 0.002 * np.sqrt(max(step.shape))
-        assert 0.6 * expected < singular.max() < 1.25 * expected and rms < 1.25 * 0.002
-        full += 0.6 * 0.002 < rms
-    assert full >= len(matrices) - 2 * config.depth
-    adamw_step = head.classifier.kernel.numpy() - before[1] * (1 - 0.01 * 0.05)
-    assert 0.0099 < np.abs(adamw_step).max() < 0.0101  # AdamW's first step: about the rate
-
-
-def test_optimizer_step_benchmark_times_the_three_settings(capsys):
+def test_optimizer_step_benchmark_times_both_settings(capsys):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     import optimizer_step
     optimizer_step.main(["--rounds", "1", *TINY_ARGS])
     figures = json.loads(capsys.readouterr().out)
-    assert figures["step_ms_adamw"] > 0 and figures["step_ms_muon_convs"] > 0 and figures["step_ms_muon_all"] > 0
-    assert [len(times) for times in figures["rounds_ms"].values()] == [1, 1, 1] and figures["batch_size"] == 32
+    assert figures["step_ms_adamw"] > 0 and figures["step_ms_muon_convs"] > 0
+    assert [len(times) for times in figures["rounds_ms"].values()] == [1, 1] and figures["batch_size"] == 32

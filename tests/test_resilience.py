@@ -339,25 +339,36 @@ def test_paths_and_options(tmp_path, cifar_folder, monkeypatch, capsys):
     assert not os.path.exists(out)
 
 
-def test_backup_from_other_options_or_damaged_is_refused(tmp_path, slow_folder, capsys):
-    args = ["--data", slow_folder, *FOUR_EPOCHS, "--output", str(tmp_path / "m.keras"), "--muon-step", "0",
-            "--muon-rms", "0"]
-    trainer = chc.Trainer(chc.parse_config(args), chc.load_cifar(slow_folder), log=lambda *_: None)
-    # As if made by a version before --cutout, --shift-lr-scale and Muon: it ran as --cutout 0
-    # --shift-lr-scale 1 --muon-step 0 --muon-rms 0.
-    older = json.loads(trainer.backup.state["config"].numpy())
-    del older["cutout"], older["shift_lr_scale"], older["muon_step"], older["muon_rms"]
-    trainer.backup.state["config"].assign(json.dumps(older))
+def backup_with(args, folder, change):
+    """Back up the first step of a run of `args`, its recorded options passed through `change` first."""
+    trainer = chc.Trainer(chc.parse_config(args), chc.load_cifar(folder), log=lambda *_: None)
+    options = json.loads(trainer.backup.state["config"].numpy())
+    change(options)
+    trainer.backup.state["config"].assign(json.dumps(options))
     trainer.request_stop(signal.SIGINT)  # as if interrupted in the first step: a backup of that step
     with pytest.raises(chc.TrainingInterrupted):
         trainer.fit()
+
+
+def test_a_backup_of_a_run_with_a_removed_option_is_refused(tmp_path, cifar_folder, capsys):
+    args = ["--data", cifar_folder, *TINY_ARGS, "--output", str(tmp_path / "m.keras")]
+    backup_with(args, cifar_folder, lambda older: older.update(cutout=8, stem="pool"))  # --stem pool: the default
+    assert "(--cutout 8 -> 0);" in main_error(args, capsys)
+
+
+def test_backup_from_other_options_or_damaged_is_refused(tmp_path, slow_folder, capsys):
+    args = ["--data", slow_folder, *FOUR_EPOCHS, "--output", str(tmp_path / "m.keras"), "--muon-step", "0"]
+
+    def older_version(options):  # before --shift-lr-scale and Muon (so it ran as 1 and 0), with --cutout 0
+        del options["shift_lr_scale"], options["muon_step"]
+        options["cutout"] = 0
+    backup_with(args, slow_folder, older_version)
 
     # In-process `main`: the checks run before any training step.
     assert main_error(args, capsys).endswith("(--shift-lr-scale 1.0 -> 8.0); rerun with the same options to "
                                              "resume, or add --fresh to start over")
     error = main_error([*args, "--shift-lr-scale", "1", "--learning-rate", "0.01"], capsys)
     assert "(--learning-rate 0.002 -> 0.01);" in error
-    assert "--cutout 0 -> 8" in main_error([*args, "--shift-lr-scale", "1", "--cutout", "8"], capsys)
     args += ["--shift-lr-scale", "1"]
     for name in os.listdir(tmp_path / "m.backup"):
         if ".data-" in name:
