@@ -44,10 +44,37 @@ except ImportError:  # Windows
     fcntl = None
 from dataclasses import dataclass, field
 
-import numpy as np
-import tensorflow as tf
-import keras
-from keras import layers, ops
+
+def silence_native_stderr():
+    """Point file descriptor 2 at /dev/null (Python's own messages are flushed first); returns the
+    function that points it back.
+
+    TensorFlow's C++ start-up lines (oneDNN notes, "failed call to cuInit" on a machine without a GPU)
+    go straight to descriptor 2, and recent releases print them before any log threshold applies, so
+    TF_CPP_MIN_LOG_LEVEL no longer hides them. Set TF_CPP_MIN_LOG_LEVEL (to anything) to see them.
+    """
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+        return lambda: None
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+
+    def restore():
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+    return restore
+
+
+_restore_stderr = silence_native_stderr()
+try:
+    import numpy as np
+    import tensorflow as tf
+    import keras
+    from keras import layers, ops
+finally:
+    _restore_stderr()
 
 __version__ = "1.0.0"
 NUM_CLASSES = 100
@@ -2528,6 +2555,11 @@ def evaluate_model(args):
 def main(argv=None):
     """`[train] [options]`, or a command that uses a saved model (`COMMANDS`); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    restore = silence_native_stderr()
+    try:
+        tf.config.list_physical_devices()  # TensorFlow probes for GPUs here, and says so on stderr
+    finally:
+        restore()
     commands = ("train", *COMMANDS)
     if argv and not argv[0].startswith("-") and argv[0] not in commands:  # training takes no positional argument
         close = difflib.get_close_matches(argv[0], commands, n=1)

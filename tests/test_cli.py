@@ -73,6 +73,15 @@ def run_script(*args):
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300)
 
 
+def test_a_usage_error_of_the_script_prints_one_line_and_tensorflow_nothing():
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run([sys.executable, SCRIPT, "--epochs", "0"], capture_output=True, text=True, timeout=300,
+                            env=env)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == ["error: argument --epochs: must be an integer >= 1, got 0 (see "
+                                          "cifar_hybrid_classifier.py --help)"]
+
+
 def test_missing_data_fails_before_training_in_one_line(tmp_path):
     result = run_script("--data", str(tmp_path / "nope.tar.gz"), "--output", str(tmp_path / "m.keras"))
     assert_one_line_error(result, "no such file")

@@ -38,6 +38,8 @@ def test_script_trains_reports_and_saves(tmp_path, cifar_tarball):
                              *TINY_ARGS, "--epochs", "2", "--tta", "--tensorboard", str(tmp_path / "logs")],
                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    # TensorFlow's C++ start-up lines (oneDNN notes, the CUDA probe) are silenced.
+    assert not re.search(r"^([IWEF]\d{4} |WARNING: All log messages)", result.stderr, re.M), result.stderr[:3000]
     out = result.stdout
     assert "precision" in out and "recall" in out and "f1-score" in out
     assert all(name in out for name in (FINE_NAMES[0], FINE_NAMES[57], FINE_NAMES[99]))
