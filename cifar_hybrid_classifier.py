@@ -13,8 +13,9 @@ Intel Xeon. Commands, machines and the rest of the figures: RESULTS.md.
     python cifar_hybrid_classifier.py export                    # SavedModel and TFLite files for serving
 
 Sections follow the data: configuration, data, augmentation pipeline, layers,
-model, trainer, evaluation, command line. Importing this module only defines
-things; everything runs from `main()`.
+model, trainer, then the run machinery (backups, time plans, durable files),
+evaluation, using a saved model, command line. Importing this module only
+defines things; everything runs from `main()`.
 """
 
 from __future__ import annotations
@@ -1217,190 +1218,6 @@ def is_chief(strategy):
     return task_type in (None, "chief") or (task_type == "worker" and task_id == 0 and not has_chief)
 
 
-class TrainingBackup:
-    """The training state a rerun resumes from (docs/reference.md, "Interrupting and resuming").
-
-    TensorFlow's CheckpointManager over the weights (with the dropout seed state), the AdamW state,
-    the schedule's moving horizon, the best-validation weights and the progress of `trainer`,
-    whose attributes it reads when saving and sets when restoring. Made anew whenever the trainer
-    makes a new optimizer. `RunLock` keeps a second run away from the same backup.
-    """
-
-    RESUME_IGNORES = ("data", "output", "checkpoint_dir", "fresh", "tta", "tensorboard")  # may change on resume
-    # Options older backups lack, as those runs trained; options since removed, as this code trains. A
-    # backup resumes only where both sides agree, so a run that used a removed option is refused.
-    ADDED_OPTIONS = {"shift_lr_scale": 1.0, "muon_step": 0.0}
-    REMOVED_OPTIONS = {"cutout": 0, "color_jitter": False, "muon_rms": 0.0, "stem": "pool"}
-
-    @classmethod
-    def fingerprint(cls, config):
-        """The options that shape training, as JSON: a backup resumes only under the same ones."""
-        return json.dumps({k: v for k, v in dataclasses.asdict(config).items() if k not in cls.RESUME_IGNORES},
-                          sort_keys=True)
-
-    def __init__(self, trainer):
-        self.trainer = t = trainer
-        with t.strategy.scope():
-            t.best_weights = [tf.Variable(w, trainable=False) for w in t.model.get_weights()]
-        self.state = {"epoch": tf.Variable(0, dtype=tf.int64), "step": tf.Variable(0, dtype=tf.int64),
-                      "epochs": tf.Variable(0, dtype=tf.int64), "steps_per_epoch": tf.Variable(0, dtype=tf.int64),
-                      "partial": tf.Variable([0.0, 0.0, 0.0], dtype=tf.float64),
-                      "best_accuracy": tf.Variable(-1.0, dtype=tf.float64),
-                      "history": tf.Variable(""), "config": tf.Variable(self.fingerprint(t.config))}
-        # model.variables (not .weights) also holds the dropout seed state.
-        checkpoint = tf.train.Checkpoint(model=list(t.model.variables), optimizer=list(t.optimizer.variables),
-                                         best_weights=t.best_weights, horizon=t.schedule.total_steps,
-                                         warmup=t.schedule.warmup_steps, anchor_step=t.schedule.anchor_step,
-                                         anchor_progress=t.schedule.anchor_progress, **self.state)
-        # Every worker must save (saving may need collectives); only the chief's copy is kept.
-        folder = t.config.checkpoint_dir if t.is_chief else \
-            os.path.join(tempfile.gettempdir(), f"cifar_hybrid-worker-{os.getpid()}")
-        self.manager = tf.train.CheckpointManager(checkpoint, folder, max_to_keep=1)
-
-    def save(self, epoch, step, partial=(0.0, 0.0, 0.0)):
-        """Everything a resumed run needs; the manager writes new files and then swaps its index atomically."""
-        t = self.trainer
-        values = {"epoch": epoch, "step": step, "epochs": t.epochs, "steps_per_epoch": t.steps_per_epoch,
-                  "partial": partial, "best_accuracy": t.best_accuracy, "history": json.dumps(t.history)}
-        for name, value in values.items():
-            self.state[name].assign(value)
-        path = self.manager.save()
-        if not t.is_chief:
-            shutil.rmtree(self.manager.directory, ignore_errors=True)
-            return
-        # TensorFlow renames its files into place but does not promise they reached the disk.
-        for name in (*tf.io.gfile.glob(path + ".*"), os.path.join(self.manager.directory, "checkpoint")):
-            fsync_path(name)
-        fsync_path(self.manager.directory)
-
-    def restore(self):
-        """Restore the last backup (unless --fresh) into the trainer; True if the run continues an earlier one."""
-        t = self.trainer
-        folder = t.config.checkpoint_dir
-        path = tf.train.latest_checkpoint(folder)  # every worker reads the chief's backup
-        if path is None:
-            return False
-        if t.config.fresh:
-            t.log(f"--fresh: ignoring the backup in {folder}")
-            return False
-        try:
-            saved = json.loads(tf.train.load_variable(path, "config/.ATTRIBUTES/VARIABLE_VALUE"))
-            saved = {**self.ADDED_OPTIONS, **self.REMOVED_OPTIONS, **saved}
-            ours = {**self.REMOVED_OPTIONS, **json.loads(self.fingerprint(t.config))}
-            changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {v}" for k, v in ours.items() if saved.get(k) != v]
-            if changed:
-                raise InputError(f"the backup in {folder} is from a run with other options ({'; '.join(changed)}); "
-                                 "rerun with the same options to resume, or add --fresh to start over")
-            self.manager.checkpoint.restore(path).assert_existing_objects_matched()
-        except InputError:
-            raise
-        except Exception as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputError(f"the backup in {folder} is damaged ({reason}); add --fresh to start over") from None
-        state = {name: v.numpy() for name, v in self.state.items()}
-        t.epochs, t.steps_per_epoch = int(state["epochs"]), int(state["steps_per_epoch"])
-        t.total_steps = int(t.schedule.total_steps.numpy())
-        t.start_epoch, t.start_step = int(state["epoch"]), int(state["step"])
-        t.partial, t.best_accuracy = tuple(state["partial"]), float(state["best_accuracy"])
-        t.history = json.loads(state["history"])
-        t.log(f"resuming from the backup in {folder}: epoch {t.start_epoch + 1} of {t.epochs}, "
-              f"{t.start_step} of {t.steps_per_epoch} steps done, learning rate {t.learning_rate():.9g}")
-        return True
-
-    def remove(self):
-        """Delete the files the backup manager wrote (only those: the folder may be the user's)."""
-        folder = self.manager.directory
-        if not self.trainer.is_chief:
-            shutil.rmtree(folder, ignore_errors=True)
-            return
-        for prefix in self.manager.checkpoints:
-            for name in tf.io.gfile.glob(prefix + ".*"):
-                os.remove(name)
-        if os.path.exists(os.path.join(folder, "checkpoint")):
-            os.remove(os.path.join(folder, "checkpoint"))
-        if os.path.isdir(folder) and not os.listdir(folder):
-            os.rmdir(folder)
-
-
-class TimePlan:
-    """--time-budget: epochs and steps per epoch from the pace measured on this machine, re-planned
-    after every epoch so the run ends within its budget (docs/reference.md, "Training within a time budget").
-
-    It sets `trainer.epochs`, `steps_per_epoch` and `total_steps`, and moves the schedule's horizon.
-    """
-
-    def __init__(self, trainer, deadline, reserve_seconds=0.0):
-        self.trainer, self.deadline, self.reserve_seconds = trainer, deadline, reserve_seconds
-        self.epoch_paces, self.epoch_steps = [], []  # seconds per step and steps of each epoch so far
-
-    @classmethod
-    def measure(cls, trainer, seconds, test_images):
-        """Fix epochs and steps per epoch so training, validation and the test pass fit in `seconds`.
-
-        Times real training steps (then restores the initial weights), one validation pass and
-        the test pass it implies, so the plan holds on whatever hardware runs it.
-        """
-        t = trainer
-        planning_started = time.time()
-        initial = t.model.get_weights()
-        batches = iter(t.strategy.experimental_distribute_dataset(t.train_pipeline.train_dataset(epoch=0)))
-        started = time.time()
-        float(t._train_step(*next(batches))[0])
-        compile_seconds = time.time() - started
-        times = []
-        for _ in range(min(12, t.steps_per_epoch - 1)):
-            started = time.time()
-            float(t._train_step(*next(batches))[0])
-            times.append(time.time() - started)
-        step_seconds = float(np.median(times)) if times else compile_seconds
-        t.predict(t.val_pipeline)  # the first pass also traces the function: time the second
-        started = time.time()
-        t.predict(t.val_pipeline)
-        val_seconds = time.time() - started
-        passes = 2 * len(TTA_VIEWS) if t.config.tta else 1
-        test_seconds = passes * val_seconds * (1 + test_images / max(1, len(t.val_pipeline))) + 5.0
-        # 5% margin; the compile is paid again because the real plan gets a fresh step function.
-        left = 0.95 * seconds - (time.time() - planning_started) - compile_seconds - test_seconds
-        full = t.train_pipeline.steps_per_epoch()
-        steps = int(left / step_seconds)
-        epochs = max(1, -(-steps // full))
-        steps = int((left - epochs * val_seconds) / step_seconds)  # validation after every epoch costs too
-        if steps < epochs:
-            raise InputError(f"--time-budget leaves {seconds / 60:.2g} min, no time to train (one step takes "
-                             f"{step_seconds:.2f}s, evaluation {test_seconds:.0f}s); raise the budget")
-        t.epochs, t.steps_per_epoch = epochs, min(full, steps // epochs)
-        t.model.set_weights(initial)
-        t._prepare_training()
-        planned = (time.time() - planning_started + compile_seconds + test_seconds
-                   + t.epochs * (t.steps_per_epoch * step_seconds + val_seconds))
-        t.log(f"time plan: {t.epochs} epoch(s) of {t.steps_per_epoch} steps, about {planned / 60:.1f} "
-              f"minutes ({step_seconds:.3f}s per step, {val_seconds:.0f}s per validation)")
-        return cls(trainer, planning_started + 0.97 * seconds, test_seconds)
-
-    def replan(self, remaining_epochs, train_seconds, val_seconds):
-        """Fit the remaining epochs to the pace measured so far; the schedule's horizon follows.
-
-        The pace is that of every step of this run, not the last epoch's alone: a shared machine's
-        speed jumps from one epoch to the next, and following each jump would resize the epochs back
-        and forth. Only the last epoch plans with the slowest recent pace, so the run ends in time.
-        """
-        t = self.trainer
-        self.epoch_paces.append(train_seconds / t.steps_per_epoch)
-        self.epoch_steps.append(t.steps_per_epoch)
-        step_seconds = float(np.dot(self.epoch_paces, self.epoch_steps) / np.sum(self.epoch_steps))
-        if remaining_epochs == 1:
-            step_seconds = max(step_seconds, *self.epoch_paces[-3:])
-        left = self.deadline - time.time() - self.reserve_seconds
-        steps = int((left / remaining_epochs - val_seconds) / step_seconds)
-        steps = max(1, min(t.train_pipeline.steps_per_epoch(), steps))
-        if steps != t.steps_per_epoch:
-            t.steps_per_epoch = steps
-            t.total_steps = t.global_step() + remaining_epochs * steps
-            t.schedule.retarget(t.global_step(), t.total_steps)
-            t.log(f"re-planned to the measured pace ({step_seconds:.3f}s per step): "
-                  f"{remaining_epochs} more epoch(s) of {steps} steps")
-
-
 class Trainer:
     """Fits the model with AdamW (Muon for the conv kernels) + warm-up/cosine, keeps the best-validation weights."""
 
@@ -1600,6 +1417,356 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------
+# Run machinery: backups, time plans, one run per output, durable files, size timing.
+# ----------------------------------------------------------------------------
+
+class TrainingBackup:
+    """The training state a rerun resumes from (docs/reference.md, "Interrupting and resuming").
+
+    TensorFlow's CheckpointManager over the weights (with the dropout seed state), the AdamW state,
+    the schedule's moving horizon, the best-validation weights and the progress of `trainer`,
+    whose attributes it reads when saving and sets when restoring. Made anew whenever the trainer
+    makes a new optimizer. `RunLock` keeps a second run away from the same backup.
+    """
+
+    RESUME_IGNORES = ("data", "output", "checkpoint_dir", "fresh", "tta", "tensorboard")  # may change on resume
+    # Options older backups lack, as those runs trained; options since removed, as this code trains. A
+    # backup resumes only where both sides agree, so a run that used a removed option is refused.
+    ADDED_OPTIONS = {"shift_lr_scale": 1.0, "muon_step": 0.0}
+    REMOVED_OPTIONS = {"cutout": 0, "color_jitter": False, "muon_rms": 0.0, "stem": "pool"}
+
+    @classmethod
+    def fingerprint(cls, config):
+        """The options that shape training, as JSON: a backup resumes only under the same ones."""
+        return json.dumps({k: v for k, v in dataclasses.asdict(config).items() if k not in cls.RESUME_IGNORES},
+                          sort_keys=True)
+
+    def __init__(self, trainer):
+        self.trainer = t = trainer
+        with t.strategy.scope():
+            t.best_weights = [tf.Variable(w, trainable=False) for w in t.model.get_weights()]
+        self.state = {"epoch": tf.Variable(0, dtype=tf.int64), "step": tf.Variable(0, dtype=tf.int64),
+                      "epochs": tf.Variable(0, dtype=tf.int64), "steps_per_epoch": tf.Variable(0, dtype=tf.int64),
+                      "partial": tf.Variable([0.0, 0.0, 0.0], dtype=tf.float64),
+                      "best_accuracy": tf.Variable(-1.0, dtype=tf.float64),
+                      "history": tf.Variable(""), "config": tf.Variable(self.fingerprint(t.config))}
+        # model.variables (not .weights) also holds the dropout seed state.
+        checkpoint = tf.train.Checkpoint(model=list(t.model.variables), optimizer=list(t.optimizer.variables),
+                                         best_weights=t.best_weights, horizon=t.schedule.total_steps,
+                                         warmup=t.schedule.warmup_steps, anchor_step=t.schedule.anchor_step,
+                                         anchor_progress=t.schedule.anchor_progress, **self.state)
+        # Every worker must save (saving may need collectives); only the chief's copy is kept.
+        folder = t.config.checkpoint_dir if t.is_chief else \
+            os.path.join(tempfile.gettempdir(), f"cifar_hybrid-worker-{os.getpid()}")
+        self.manager = tf.train.CheckpointManager(checkpoint, folder, max_to_keep=1)
+
+    def save(self, epoch, step, partial=(0.0, 0.0, 0.0)):
+        """Everything a resumed run needs; the manager writes new files and then swaps its index atomically."""
+        t = self.trainer
+        values = {"epoch": epoch, "step": step, "epochs": t.epochs, "steps_per_epoch": t.steps_per_epoch,
+                  "partial": partial, "best_accuracy": t.best_accuracy, "history": json.dumps(t.history)}
+        for name, value in values.items():
+            self.state[name].assign(value)
+        path = self.manager.save()
+        if not t.is_chief:
+            shutil.rmtree(self.manager.directory, ignore_errors=True)
+            return
+        # TensorFlow renames its files into place but does not promise they reached the disk.
+        for name in (*tf.io.gfile.glob(path + ".*"), os.path.join(self.manager.directory, "checkpoint")):
+            fsync_path(name)
+        fsync_path(self.manager.directory)
+
+    def restore(self):
+        """Restore the last backup (unless --fresh) into the trainer; True if the run continues an earlier one."""
+        t = self.trainer
+        folder = t.config.checkpoint_dir
+        path = tf.train.latest_checkpoint(folder)  # every worker reads the chief's backup
+        if path is None:
+            return False
+        if t.config.fresh:
+            t.log(f"--fresh: ignoring the backup in {folder}")
+            return False
+        try:
+            saved = json.loads(tf.train.load_variable(path, "config/.ATTRIBUTES/VARIABLE_VALUE"))
+            saved = {**self.ADDED_OPTIONS, **self.REMOVED_OPTIONS, **saved}
+            ours = {**self.REMOVED_OPTIONS, **json.loads(self.fingerprint(t.config))}
+            changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {v}" for k, v in ours.items() if saved.get(k) != v]
+            if changed:
+                raise InputError(f"the backup in {folder} is from a run with other options ({'; '.join(changed)}); "
+                                 "rerun with the same options to resume, or add --fresh to start over")
+            self.manager.checkpoint.restore(path).assert_existing_objects_matched()
+        except InputError:
+            raise
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"the backup in {folder} is damaged ({reason}); add --fresh to start over") from None
+        state = {name: v.numpy() for name, v in self.state.items()}
+        t.epochs, t.steps_per_epoch = int(state["epochs"]), int(state["steps_per_epoch"])
+        t.total_steps = int(t.schedule.total_steps.numpy())
+        t.start_epoch, t.start_step = int(state["epoch"]), int(state["step"])
+        t.partial, t.best_accuracy = tuple(state["partial"]), float(state["best_accuracy"])
+        t.history = json.loads(state["history"])
+        t.log(f"resuming from the backup in {folder}: epoch {t.start_epoch + 1} of {t.epochs}, "
+              f"{t.start_step} of {t.steps_per_epoch} steps done, learning rate {t.learning_rate():.9g}")
+        return True
+
+    def remove(self):
+        """Delete the files the backup manager wrote (only those: the folder may be the user's)."""
+        folder = self.manager.directory
+        if not self.trainer.is_chief:
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+        for prefix in self.manager.checkpoints:
+            for name in tf.io.gfile.glob(prefix + ".*"):
+                os.remove(name)
+        if os.path.exists(os.path.join(folder, "checkpoint")):
+            os.remove(os.path.join(folder, "checkpoint"))
+        if os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+
+
+class TimePlan:
+    """--time-budget: epochs and steps per epoch from the pace measured on this machine, re-planned
+    after every epoch so the run ends within its budget (docs/reference.md, "Training within a time budget").
+
+    It sets `trainer.epochs`, `steps_per_epoch` and `total_steps`, and moves the schedule's horizon.
+    """
+
+    def __init__(self, trainer, deadline, reserve_seconds=0.0):
+        self.trainer, self.deadline, self.reserve_seconds = trainer, deadline, reserve_seconds
+        self.epoch_paces, self.epoch_steps = [], []  # seconds per step and steps of each epoch so far
+
+    @classmethod
+    def measure(cls, trainer, seconds, test_images):
+        """Fix epochs and steps per epoch so training, validation and the test pass fit in `seconds`.
+
+        Times real training steps (then restores the initial weights), one validation pass and
+        the test pass it implies, so the plan holds on whatever hardware runs it.
+        """
+        t = trainer
+        planning_started = time.time()
+        initial = t.model.get_weights()
+        batches = iter(t.strategy.experimental_distribute_dataset(t.train_pipeline.train_dataset(epoch=0)))
+        started = time.time()
+        float(t._train_step(*next(batches))[0])
+        compile_seconds = time.time() - started
+        times = []
+        for _ in range(min(12, t.steps_per_epoch - 1)):
+            started = time.time()
+            float(t._train_step(*next(batches))[0])
+            times.append(time.time() - started)
+        step_seconds = float(np.median(times)) if times else compile_seconds
+        t.predict(t.val_pipeline)  # the first pass also traces the function: time the second
+        started = time.time()
+        t.predict(t.val_pipeline)
+        val_seconds = time.time() - started
+        passes = 2 * len(TTA_VIEWS) if t.config.tta else 1
+        test_seconds = passes * val_seconds * (1 + test_images / max(1, len(t.val_pipeline))) + 5.0
+        # 5% margin; the compile is paid again because the real plan gets a fresh step function.
+        left = 0.95 * seconds - (time.time() - planning_started) - compile_seconds - test_seconds
+        full = t.train_pipeline.steps_per_epoch()
+        steps = int(left / step_seconds)
+        epochs = max(1, -(-steps // full))
+        steps = int((left - epochs * val_seconds) / step_seconds)  # validation after every epoch costs too
+        if steps < epochs:
+            raise InputError(f"--time-budget leaves {seconds / 60:.2g} min, no time to train (one step takes "
+                             f"{step_seconds:.2f}s, evaluation {test_seconds:.0f}s); raise the budget")
+        t.epochs, t.steps_per_epoch = epochs, min(full, steps // epochs)
+        t.model.set_weights(initial)
+        t._prepare_training()
+        planned = (time.time() - planning_started + compile_seconds + test_seconds
+                   + t.epochs * (t.steps_per_epoch * step_seconds + val_seconds))
+        t.log(f"time plan: {t.epochs} epoch(s) of {t.steps_per_epoch} steps, about {planned / 60:.1f} "
+              f"minutes ({step_seconds:.3f}s per step, {val_seconds:.0f}s per validation)")
+        return cls(trainer, planning_started + 0.97 * seconds, test_seconds)
+
+    def replan(self, remaining_epochs, train_seconds, val_seconds):
+        """Fit the remaining epochs to the pace measured so far; the schedule's horizon follows.
+
+        The pace is that of every step of this run, not the last epoch's alone: a shared machine's
+        speed jumps from one epoch to the next, and following each jump would resize the epochs back
+        and forth. Only the last epoch plans with the slowest recent pace, so the run ends in time.
+        """
+        t = self.trainer
+        self.epoch_paces.append(train_seconds / t.steps_per_epoch)
+        self.epoch_steps.append(t.steps_per_epoch)
+        step_seconds = float(np.dot(self.epoch_paces, self.epoch_steps) / np.sum(self.epoch_steps))
+        if remaining_epochs == 1:
+            step_seconds = max(step_seconds, *self.epoch_paces[-3:])
+        left = self.deadline - time.time() - self.reserve_seconds
+        steps = int((left / remaining_epochs - val_seconds) / step_seconds)
+        steps = max(1, min(t.train_pipeline.steps_per_epoch(), steps))
+        if steps != t.steps_per_epoch:
+            t.steps_per_epoch = steps
+            t.total_steps = t.global_step() + remaining_epochs * steps
+            t.schedule.retarget(t.global_step(), t.total_steps)
+            t.log(f"re-planned to the measured pace ({step_seconds:.3f}s per step): "
+                  f"{remaining_epochs} more epoch(s) of {steps} steps")
+
+
+def fsync_path(path):
+    """Flush a file's data, or a folder's entries, to the disk (what a rename alone does not promise)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path, content):
+    """`content` (text, bytes, or a function that writes to a file name) into a temporary file beside `path`, then
+    a rename: an interrupted write never leaves half a file and never touches the previous one.
+
+    As databases do it: the file is fsynced before the rename and the folder after it, so even a power
+    cut leaves either the old file or the whole new one under `path` (docs/reference.md, "Interrupting and resuming").
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    os.close(fd)
+    try:
+        if callable(content):
+            content(tmp)
+        elif isinstance(content, bytes):
+            with open(tmp, "wb") as f:
+                f.write(content)
+        else:
+            with open(tmp, "w", newline="") as f:
+                f.write(content)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's private 0600 would otherwise reach the final file
+        fsync_path(tmp)
+        os.replace(tmp, path)
+        fsync_path(folder)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def fsync_tree(folder):
+    """fsync every file and folder under `folder`, the folders after what they hold."""
+    for root, _, names in os.walk(folder, topdown=False):
+        for name in names:
+            fsync_path(os.path.join(root, name))
+        fsync_path(root)
+
+
+def save_model_atomically(model, path):
+    write_atomically(path, model.save)
+
+
+class RunLock:
+    """One run per output: an exclusive advisory lock (`flock`) on the file `lock` in the backup folder.
+
+    Taken before the backup is read; the kernel drops it when the process ends, however it ends, so
+    a killed run never leaves a stale lock. The file holds the PID of the run that has it.
+    """
+
+    def __init__(self, folder):
+        self.folder, self.path, self.fd = folder, os.path.join(folder, "lock"), None
+
+    def __enter__(self):
+        os.makedirs(self.folder, exist_ok=True)
+        if fcntl is None:  # Windows: no advisory locks
+            return self
+        while self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pid = os.read(fd, 20).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise InputError(f"another run (PID {pid}) is training with the backup in {self.folder}; let "
+                                 "it finish, or give this run another --output") from None
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if os.fstat(fd).st_ino == current:
+                self.fd = fd
+            else:  # a run that just finished removed the file we opened: lock the one there now
+                os.close(fd)
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.fd is not None:
+            os.remove(self.path)
+            os.close(self.fd)
+        if not os.listdir(self.folder):  # a finished run leaves no backup folder
+            os.rmdir(self.folder)
+
+
+def check_free_space(config, parameters):
+    """The model file plus a backup (weights, best weights, two AdamW slots) must fit, with headroom."""
+    need = {os.path.dirname(os.path.abspath(config.output)): 4 * parameters + (8 << 20)}
+    backup_folder = config.checkpoint_dir if os.path.isdir(config.checkpoint_dir) else \
+        os.path.dirname(os.path.abspath(config.checkpoint_dir))
+    need[backup_folder] = need.get(backup_folder, 0) + 2 * 16 * parameters + (8 << 20)  # old and new backup
+    for folder, size in need.items():
+        free = shutil.disk_usage(folder).free
+        if free < size:
+            raise InputError(f"{folder}: {free / 1e6:.1f} MB free, but the model and its backup need about "
+                             f"{size / 1e6:.0f} MB; free some space or choose another --output")
+
+
+def choose_model_size(config, seconds, train_images):
+    """--time-budget with --model-size auto: the largest size that trains `MIN_EPOCHS_PER_SIZE` epochs.
+
+    Times a few real training steps of each size, smallest first, on this machine, for at most
+    about 5 % of the budget. A resumed run keeps the size its backup was made with instead.
+    """
+    path = None if config.fresh else tf.train.latest_checkpoint(config.checkpoint_dir)
+    try:
+        saved = path and json.loads(tf.train.load_variable(path, "config/.ATTRIBUTES/VARIABLE_VALUE"))["model_size"]
+    except Exception:  # a damaged backup: resuming reports it
+        saved = None
+    if saved in MODEL_SIZES:
+        return apply_model_size(config, saved)
+    sizes = getattr(config, "sizes", list(MODEL_SIZES))  # parse_config leaves out sizes the options rule out
+    chosen, steps, started = sizes[0], train_images // config.batch_size, time.time()
+    for size in sizes:
+        if time.time() - started > 0.05 * seconds:  # timing (mostly compiling) may take 5 % of the budget
+            break
+        candidate = apply_model_size(dataclasses.replace(config), size, getattr(config, "explicit", set()))
+        step_seconds = time_training_step(candidate)
+        # About 10 % of the budget goes to validation, the test pass and compiling.
+        epochs = 0.9 * seconds / (steps * step_seconds)
+        print(f"model size {size}: {step_seconds:.3f}s per step, room for about {epochs:.1f} epochs")
+        if epochs < MIN_EPOCHS_PER_SIZE and size != sizes[0]:
+            break
+        chosen = size
+    print(f"--time-budget: model size {chosen}, the largest with room for {MIN_EPOCHS_PER_SIZE} epochs "
+          "(or the smallest)")
+    return apply_model_size(config, chosen)
+
+
+def time_training_step(config, repeats=5):
+    """Median seconds of one training step of the model `config` describes, on random images."""
+    model = build_model(config, resolve_precision(config.precision))
+    optimizer = make_optimizer(model, config, 1e-4)
+    images = tf.random.uniform((config.batch_size, *IMAGE_SHAPE), 0, 255)
+    initialize_convolutions(model, config, images.numpy(), samples=64)  # a fixed stem trains faster: time that
+    classes = model.output_shape[-1]
+    labels = tf.one_hot(tf.random.uniform((config.batch_size,), 0, classes, tf.int32), classes)
+
+    @tf.function(autograph=False)
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(keras.losses.categorical_crossentropy(labels, model(images, training=True)))
+        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+        return loss
+
+    times = []
+    for _ in range(repeats + 2):  # the first call traces and the second warms the caches
+        started = time.time()
+        float(step())
+        times.append(time.time() - started)
+    return float(np.median(times[2:]))
+
+
+# ----------------------------------------------------------------------------
 # Evaluation and the run's reports
 # ----------------------------------------------------------------------------
 
@@ -1722,57 +1889,6 @@ def save_plots(history, confusion, class_names, stem):
         figure.tight_layout()
         write_atomically(stem + suffix, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
         plt.close(figure)
-
-
-def fsync_path(path):
-    """Flush a file's data, or a folder's entries, to the disk (what a rename alone does not promise)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path, content):
-    """`content` (text, bytes, or a function that writes to a file name) into a temporary file beside `path`, then
-    a rename: an interrupted write never leaves half a file and never touches the previous one.
-
-    As databases do it: the file is fsynced before the rename and the folder after it, so even a power
-    cut leaves either the old file or the whole new one under `path` (docs/reference.md, "Interrupting and resuming").
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-    os.close(fd)
-    try:
-        if callable(content):
-            content(tmp)
-        elif isinstance(content, bytes):
-            with open(tmp, "wb") as f:
-                f.write(content)
-        else:
-            with open(tmp, "w", newline="") as f:
-                f.write(content)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's private 0600 would otherwise reach the final file
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        fsync_path(folder)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def fsync_tree(folder):
-    """fsync every file and folder under `folder`, the folders after what they hold."""
-    for root, _, names in os.walk(folder, topdown=False):
-        for name in names:
-            fsync_path(os.path.join(root, name))
-        fsync_path(root)
-
-
-def save_model_atomically(model, path):
-    write_atomically(path, model.save)
 
 
 # ----------------------------------------------------------------------------
@@ -2175,74 +2291,6 @@ def check_folder(path, option):
     _check_writable(folder, option, path)
 
 
-def check_free_space(config, parameters):
-    """The model file plus a backup (weights, best weights, two AdamW slots) must fit, with headroom."""
-    need = {os.path.dirname(os.path.abspath(config.output)): 4 * parameters + (8 << 20)}
-    backup_folder = config.checkpoint_dir if os.path.isdir(config.checkpoint_dir) else \
-        os.path.dirname(os.path.abspath(config.checkpoint_dir))
-    need[backup_folder] = need.get(backup_folder, 0) + 2 * 16 * parameters + (8 << 20)  # old and new backup
-    for folder, size in need.items():
-        free = shutil.disk_usage(folder).free
-        if free < size:
-            raise InputError(f"{folder}: {free / 1e6:.1f} MB free, but the model and its backup need about "
-                             f"{size / 1e6:.0f} MB; free some space or choose another --output")
-
-
-def choose_model_size(config, seconds, train_images):
-    """--time-budget with --model-size auto: the largest size that trains `MIN_EPOCHS_PER_SIZE` epochs.
-
-    Times a few real training steps of each size, smallest first, on this machine, for at most
-    about 5 % of the budget. A resumed run keeps the size its backup was made with instead.
-    """
-    path = None if config.fresh else tf.train.latest_checkpoint(config.checkpoint_dir)
-    try:
-        saved = path and json.loads(tf.train.load_variable(path, "config/.ATTRIBUTES/VARIABLE_VALUE"))["model_size"]
-    except Exception:  # a damaged backup: resuming reports it
-        saved = None
-    if saved in MODEL_SIZES:
-        return apply_model_size(config, saved)
-    sizes = getattr(config, "sizes", list(MODEL_SIZES))  # parse_config leaves out sizes the options rule out
-    chosen, steps, started = sizes[0], train_images // config.batch_size, time.time()
-    for size in sizes:
-        if time.time() - started > 0.05 * seconds:  # timing (mostly compiling) may take 5 % of the budget
-            break
-        candidate = apply_model_size(dataclasses.replace(config), size, getattr(config, "explicit", set()))
-        step_seconds = time_training_step(candidate)
-        # About 10 % of the budget goes to validation, the test pass and compiling.
-        epochs = 0.9 * seconds / (steps * step_seconds)
-        print(f"model size {size}: {step_seconds:.3f}s per step, room for about {epochs:.1f} epochs")
-        if epochs < MIN_EPOCHS_PER_SIZE and size != sizes[0]:
-            break
-        chosen = size
-    print(f"--time-budget: model size {chosen}, the largest with room for {MIN_EPOCHS_PER_SIZE} epochs "
-          "(or the smallest)")
-    return apply_model_size(config, chosen)
-
-
-def time_training_step(config, repeats=5):
-    """Median seconds of one training step of the model `config` describes, on random images."""
-    model = build_model(config, resolve_precision(config.precision))
-    optimizer = make_optimizer(model, config, 1e-4)
-    images = tf.random.uniform((config.batch_size, *IMAGE_SHAPE), 0, 255)
-    initialize_convolutions(model, config, images.numpy(), samples=64)  # a fixed stem trains faster: time that
-    classes = model.output_shape[-1]
-    labels = tf.one_hot(tf.random.uniform((config.batch_size,), 0, classes, tf.int32), classes)
-
-    @tf.function(autograph=False)
-    def step():
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(keras.losses.categorical_crossentropy(labels, model(images, training=True)))
-        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
-        return loss
-
-    times = []
-    for _ in range(repeats + 2):  # the first call traces and the second warms the caches
-        started = time.time()
-        float(step())
-        times.append(time.time() - started)
-    return float(np.median(times[2:]))
-
-
 def print_parameter_summary(model):
     print(f"model {model.name}:")
     for layer in model.layers[1:]:
@@ -2252,49 +2300,6 @@ def print_parameter_summary(model):
 
 def set_seeds(seed):
     keras.utils.set_random_seed(seed)  # seeds Python's random, NumPy, TensorFlow and Keras' own generators
-
-
-class RunLock:
-    """One run per output: an exclusive advisory lock (`flock`) on the file `lock` in the backup folder.
-
-    Taken before the backup is read; the kernel drops it when the process ends, however it ends, so
-    a killed run never leaves a stale lock. The file holds the PID of the run that has it.
-    """
-
-    def __init__(self, folder):
-        self.folder, self.path, self.fd = folder, os.path.join(folder, "lock"), None
-
-    def __enter__(self):
-        os.makedirs(self.folder, exist_ok=True)
-        if fcntl is None:  # Windows: no advisory locks
-            return self
-        while self.fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                pid = os.read(fd, 20).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                raise InputError(f"another run (PID {pid}) is training with the backup in {self.folder}; let "
-                                 "it finish, or give this run another --output") from None
-            try:
-                current = os.stat(self.path).st_ino
-            except FileNotFoundError:
-                current = None
-            if os.fstat(fd).st_ino == current:
-                self.fd = fd
-            else:  # a run that just finished removed the file we opened: lock the one there now
-                os.close(fd)
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()}\n".encode())
-        return self
-
-    def __exit__(self, *exc_info):
-        if self.fd is not None:
-            os.remove(self.path)
-            os.close(self.fd)
-        if not os.listdir(self.folder):  # a finished run leaves no backup folder
-            os.rmdir(self.folder)
 
 
 def run(config):
