@@ -147,8 +147,8 @@ MODEL_SIZES = {
     "large": {"stem_width": 48, "cnn_widths": (224, 448), "embed_dim": 192, "depth": 2, "num_heads": 6,
               "head_units": 384},
 }
-# With --time-budget: the base size trained 14 epochs is the one-hour recipe of the slow machines,
-# and many more epochs of one size bought little (RESULTS.md), so more time buys a larger size first.
+# With --time-budget: the base size trained 14 epochs is the one-hour recipe of the slow machines;
+# a budget with room for more buys a larger size first (RESULTS.md, "Model sizes").
 MIN_EPOCHS_PER_SIZE = 14
 
 
