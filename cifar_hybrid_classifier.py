@@ -148,7 +148,7 @@ MODEL_SIZES = {
               "head_units": 384},
 }
 # With --time-budget: the base size trained 14 epochs is the one-hour recipe of the slow machines;
-# a budget with room for more buys a larger size first (RESULTS.md, "Model sizes").
+# a budget with room for more buys a larger size first (RESULTS.md, "Full runs of the current code").
 MIN_EPOCHS_PER_SIZE = 14
 
 
@@ -688,7 +688,7 @@ class BatchNormalization(layers.BatchNormalization):
 
     Keras computes the batch statistics and the normalization with separate ops, each a pass over
     the feature map with its own gradient; the fused kernel is one op forward and one backward,
-    which saves part of the training step's time on a CPU (RESULTS.md, "Throughput").
+    which saves part of the training step's time on a CPU (RESULTS.md, "Ablations").
     Same weights, same results to float rounding. Inference, the other Keras backends and
     synchronized statistics take Keras's own path, so a saved model runs anywhere. The class keeps
     Keras's name because a .keras file files each layer's weights under its class name: models
@@ -2088,7 +2088,7 @@ def read_image(path, max_megapixels=MAX_IMAGE_MEGAPIXELS):
 
 # Test-time augmentation: (rows down, columns right, weight) of each view, taken of the image and of its
 # mirror image. Chosen on validation data, where the two one-pixel diagonal shifts at half weight
-# added most beyond the mirror image (RESULTS.md, "Test-time augmentation").
+# added most beyond the mirror image (RESULTS.md, "Ablations").
 TTA_VIEWS = ((0, 0, 1.0), (1, 1, 0.5), (-1, -1, 0.5))
 
 
