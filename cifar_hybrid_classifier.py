@@ -52,12 +52,10 @@ from dataclasses import dataclass, field
 
 
 def silence_native_stderr():
-    """Point file descriptor 2 at /dev/null (Python's own messages are flushed first); returns the
-    function that points it back.
+    """Point file descriptor 2 at /dev/null and return the function that points it back.
 
-    TensorFlow's C++ start-up lines (oneDNN notes, "failed call to cuInit" on a machine without a GPU)
-    go straight to descriptor 2, and recent releases print them before any log threshold applies, so
-    TF_CPP_MIN_LOG_LEVEL no longer hides them. Set TF_CPP_MIN_LOG_LEVEL (to anything) to see them.
+    TensorFlow's C++ start-up lines (oneDNN notes, "failed call to cuInit" without a GPU) go straight to
+    descriptor 2 before any log threshold applies. Setting TF_CPP_MIN_LOG_LEVEL (to anything) shows them.
     """
     if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
         return lambda: None
@@ -103,9 +101,7 @@ DATASETS = {
 }
 
 
-# ----------------------------------------------------------------------------
-# Configuration: every hyperparameter, its default, and its command-line check.
-# ----------------------------------------------------------------------------
+# --- Configuration: every hyperparameter, its default, and its command-line check ---------------------------
 
 def _checked(convert, ok, requirement):
     """An argparse `type` that converts, then checks the value against `requirement`."""
@@ -135,20 +131,15 @@ def _widths(text):
     return values
 
 
-# The size family: each size also scales the ViT heads and the fusion head (RESULTS.md, "Model sizes").
-# The large size spends its time on convolutions rather than ViT depth: on a CPU a ViT FLOP costs
-# more time than a conv FLOP, and an hour of the wider CNN did as well as one of the deeper ViT
-# (RESULTS.md, "Ablations").
+# The size family (RESULTS.md, "Model sizes"). Larger sizes widen the convolutions rather than deepen the
+# ViT: on a CPU a ViT FLOP costs more time than a conv FLOP (RESULTS.md, "Ablations").
 MODEL_SIZES = {
-    "small": {"stem_width": 24, "cnn_widths": (64, 128), "embed_dim": 96, "depth": 2, "num_heads": 4,
-              "head_units": 192},
-    "base": {"stem_width": 32, "cnn_widths": (128, 256), "embed_dim": 128, "depth": 2, "num_heads": 4,
-             "head_units": 256},
-    "large": {"stem_width": 48, "cnn_widths": (224, 448), "embed_dim": 192, "depth": 2, "num_heads": 6,
-              "head_units": 384},
+    "small": dict(stem_width=24, cnn_widths=(64, 128), embed_dim=96, depth=2, num_heads=4, head_units=192),
+    "base": dict(stem_width=32, cnn_widths=(128, 256), embed_dim=128, depth=2, num_heads=4, head_units=256),
+    "large": dict(stem_width=48, cnn_widths=(224, 448), embed_dim=192, depth=2, num_heads=6, head_units=384),
 }
-# With --time-budget: the base size trained 14 epochs is the one-hour recipe of the slow machines;
-# a budget with room for more buys a larger size first (RESULTS.md, "Full runs of the current code").
+# With --time-budget, a budget with room for more than the default's 14 epochs of the base size buys a
+# larger size first.
 MIN_EPOCHS_PER_SIZE = 14
 
 
@@ -327,9 +318,7 @@ def apply_model_size(config, size, explicit=None):
     return config
 
 
-# ----------------------------------------------------------------------------
-# Data: the official CIFAR-100 python format, read straight from the archive.
-# ----------------------------------------------------------------------------
+# --- Data: the official CIFAR-100 python format, read straight from the archive -----------------------------
 
 class InputError(ValueError):
     """Bad data or paths from the user: reported in one line with exit code 2, never a traceback."""
@@ -357,13 +346,9 @@ class CifarData:
 
 
 class _CifarUnpickler(pickle._Unpickler):
-    """Allows only what the official pickles contain: dicts, lists, bytes, ints and NumPy arrays.
-
-    A pickle can name any importable callable; refusing everything else stops an
-    untrusted archive from running code while it is read. The pure-Python unpickler, as fast
-    here as the C one, keeps its memo in a dict: the C one grows an array to the largest memo
-    index it reads, so one flipped byte could make it allocate gigabytes (benchmarks/fuzz_loader.py).
-    """
+    """Allows only what the official pickles contain (dicts, lists, bytes, ints, NumPy arrays), so an
+    untrusted archive cannot run code. The pure-Python unpickler keeps its memo in a dict; the C one
+    grows an array to the largest memo index it reads, so one flipped byte could cost gigabytes."""
 
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -469,12 +454,8 @@ def _parse_names(d, key, count):
 
 
 def load_cifar(path=None, dataset="cifar100"):
-    """Load CIFAR-100 (or CIFAR-10) as uint8 images, labels (and CIFAR-100's coarse labels), class names.
-
-    `path` is the official python archive (`cifar-100-python.tar.gz`, `cifar-10-python.tar.gz`) or
-    its extracted folder; `None` downloads it once into the Keras cache (the same files
-    `keras.datasets.cifar100.load_data` and `cifar10.load_data` use).
-    """
+    """CIFAR-100 (or CIFAR-10) as uint8 images, labels (and coarse labels), class names, from the official
+    python archive or its extracted folder; `None` downloads it once into the Keras cache, as Keras does."""
     spec = DATASETS[dataset]
     if path is None:
         try:
@@ -493,29 +474,20 @@ def load_cifar(path=None, dataset="cifar100"):
                      coarse_names=coarse_names, name=spec["name"])
 
 
-# ----------------------------------------------------------------------------
-# Augmentation pipeline: tf.data over the uint8 arrays, seeded per epoch.
-# ----------------------------------------------------------------------------
+# --- Augmentation pipeline: tf.data over the uint8 arrays, seeded per epoch ---------------------------------
 
 def without_autotuning(ds):
-    """`ds` without tf.data's autotuning thread. Ending an iterator waits for that thread: on the slow
-    class B machine the wait took 20-33 s at the end of 4 of the first 5 epochs of a default run, and
-    about 5 s in a third of `model.predict`'s calls (the six-view TTA of 5,000 images: 37-51 s with it,
-    32-36 s without). Every pipeline here runs many times faster than the model it feeds, so the tuning
-    gains nothing."""
+    """`ds` without tf.data's autotuning thread: ending an iterator waits for that thread, for up to half a
+    minute on a slow machine, and every pipeline here is many times faster than the model it feeds."""
     options = tf.data.Options()
     options.autotune.enabled = False
     return ds.with_options(options)
 
 
 class AugmentationPipeline:
-    """Feeds uint8 batches; the model does its own scaling, so nothing is copied to float32.
-
-    Augmentation runs on whole batches: a per-image map costs tf.data more CPU time than the
-    crops themselves, and on two cores that time comes out of the training step. Every random
-    choice is a stateless op keyed on (seed, epoch, batch), so an epoch's batches are the same
-    however many threads map them.
-    """
+    """Feeds uint8 batches (the model does its own scaling), augmented a whole batch at a time: a per-image
+    map costs tf.data more CPU time than the crops. Every random choice is a stateless op keyed on
+    (seed, epoch, batch), so an epoch's batches are the same however many threads map them."""
 
     def __init__(self, images, labels, batch_size, seed=0, crop_padding=4, flip=True):
         self.images = tf.constant(images)   # one tensor, gathered by index: no per-epoch copy
@@ -569,9 +541,7 @@ class AugmentationPipeline:
         return without_autotuning(ds.batch(batch_size or self.batch_size).prefetch(tf.data.AUTOTUNE))
 
 
-# ----------------------------------------------------------------------------
-# Layers: small, serializable building blocks.
-# ----------------------------------------------------------------------------
+# --- Layers: small, serializable building blocks ------------------------------------------------------------
 
 @keras.saving.register_keras_serializable(package="cifar_hybrid")
 class ImageStandardization(layers.Layer):
@@ -685,15 +655,11 @@ class TransformerEncoderBlock(layers.Layer):
 
 @keras.saving.register_keras_serializable(package="cifar_hybrid")
 class BatchNormalization(layers.BatchNormalization):
-    """Keras batch normalization that trains with TensorFlow's fused kernel.
+    """Keras batch normalization that trains with TensorFlow's fused kernel: one op forward and one
+    backward instead of a pass per statistic, which saves step time on a CPU (RESULTS.md, "Ablations").
 
-    Keras computes the batch statistics and the normalization with separate ops, each a pass over
-    the feature map with its own gradient; the fused kernel is one op forward and one backward,
-    which saves part of the training step's time on a CPU (RESULTS.md, "Ablations").
-    Same weights, same results to float rounding. Inference, the other Keras backends and
-    synchronized statistics take Keras's own path, so a saved model runs anywhere. The class keeps
-    Keras's name because a .keras file files each layer's weights under its class name: models
-    saved with Keras's layer load into this one, and the other way round.
+    Same weights and results. Inference, other backends and synchronized statistics take Keras's own
+    path, so a saved model runs anywhere; Keras's class name keeps the saved weights interchangeable.
     """
 
     def call(self, inputs, training=None, mask=None):
@@ -718,12 +684,8 @@ def batch_norm_relu(policy, synchronized_bn=False):
 
 
 def conv_stage(width, policy, synchronized_bn=False, first=False):
-    """The layers of one CNN stage: conv3x3 -> max-pool -> BN -> ReLU -> conv3x3 -> BN -> ReLU.
-
-    Pooling right after the first conv makes the second one four times cheaper, which matters on a
-    CPU. `first` puts a full-resolution conv3x3 -> BN -> ReLU in front: the image's own stem (models
-    saved before the shared stem).
-    """
+    """conv3x3 -> max-pool -> BN -> ReLU -> conv3x3 -> BN -> ReLU: pooling first makes the second conv
+    four times cheaper. `first` adds a conv3x3 -> BN -> ReLU in front (models saved before the shared stem)."""
     def conv():
         return layers.Conv2D(width, 3, padding="same", use_bias=False, dtype=policy)
 
@@ -734,14 +696,11 @@ def conv_stage(width, policy, synchronized_bn=False, first=False):
 
 @keras.saving.register_keras_serializable(package="cifar_hybrid")
 class ConvStem(layers.Layer):
-    """The convolutions both branches read: 32x32 image to a 16x16 feature map.
+    """The convolutions both branches read, one conv stage: 32x32 image to a 16x16 feature map.
 
-    The ViT branch then embeds patches of learned features instead of raw pixels (the "hybrid"
-    ViT of Dosovitskiy et al. 2020, the convolutional tokenizer of CCT), and the CNN branch
-    continues from the same map, so the two branches pay for these convolutions once.
-    It is one conv stage: conv3x3 at 32x32, max-pool, conv3x3. No other conv runs at full
-    resolution: on a CPU the batch norm and ReLU over 32x32 maps cost more time than their FLOPs
-    suggest (RESULTS.md, "Ablations": the stems tried).
+    The ViT embeds patches of learned features instead of raw pixels (the "hybrid" ViT of Dosovitskiy
+    et al. 2020, CCT's convolutional tokenizer), and both branches pay for these convolutions once. Only
+    its first conv runs at 32x32: there batch norm and ReLU cost more time than their FLOPs suggest.
     """
 
     def __init__(self, width=32, synchronized_bn=False, kind="pool", full_resolution_conv=False, **kwargs):
@@ -765,10 +724,8 @@ class ConvStem(layers.Layer):
 
 @keras.saving.register_keras_serializable(package="cifar_hybrid")
 class CNNBranch(layers.Layer):
-    """Convolution stages with batch norm; each stage halves the resolution. Output: a pooled vector.
-
-    `stem=True` (models saved before the shared stem) starts with its own full-resolution conv.
-    """
+    """Conv stages with batch norm, each halving the resolution, then global pooling. `stem=True` (models
+    saved before the shared stem) starts with its own full-resolution conv."""
 
     def __init__(self, widths=(32, 64, 128), synchronized_bn=False, stem=True, **kwargs):
         super().__init__(**kwargs)
@@ -888,16 +845,11 @@ class FusionHead(layers.Layer):
                 "dropout": self.dropout, "l2": self.l2, "class_names": self.class_names}
 
 
-# ----------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------
+# --- Model --------------------------------------------------------------------------------------------------
 
 def build_model(config, dtype=None, synchronized_bn=False, class_names=None):
-    """The hybrid: raw 0..255 images in, class probabilities out (100 for CIFAR-100, 10 for CIFAR-10).
-
-    `dtype` is a Keras dtype policy name (e.g. "mixed_bfloat16"); None uses the global policy.
-    `class_names` are stored in the fusion head's config and exposed as `model.class_names`.
-    """
+    """The hybrid: raw 0..255 images in, class probabilities out. `dtype` is a Keras dtype policy name (None:
+    the global policy); `class_names` travel in the fusion head's config and show as `model.class_names`."""
     spec = DATASETS[config.dataset]
     inputs = keras.Input(IMAGE_SHAPE, dtype="float32", name="image")
     x = ImageStandardization(spec["mean"], spec["std"], dtype=dtype, name="standardize")(inputs)
@@ -915,14 +867,11 @@ def build_model(config, dtype=None, synchronized_bn=False, class_names=None):
 
 
 def whiten_stem(model, images, samples=5000, eps=5e-4):
-    """Set the stem's first convolution to whiten the patches of `images` and freeze it.
+    """Set the stem's first convolution to whiten the patches of `images` and freeze it (airbench).
 
-    Its filters become the leading eigenvectors of the covariance of the standardized training
-    patches, each scaled by 1/sqrt(eigenvalue) and paired with its negative, so the network starts
-    from decorrelated features instead of random ones (the whitening layer of K. Jordan's airbench,
-    where it cut the epochs CIFAR-10 needs). Frozen, the layer also costs no gradient:
-    the backward pass never reaches the full-resolution input. Filters beyond twice the length of a
-    patch (2 x 27 for 3x3 RGB patches) keep their random start.
+    Its filters become the covariance's leading eigenvectors scaled by 1/sqrt(eigenvalue), each paired
+    with its negative: the net starts from decorrelated features, and the frozen layer costs no gradient.
+    Filters beyond twice a patch's length (2 x 27 for 3x3 RGB) keep their random start.
     """
     conv = model.get_layer("stem").stack.layers[0]
     standardize = model.get_layer("standardize")
@@ -946,19 +895,14 @@ def whiten_stem(model, images, samples=5000, eps=5e-4):
 
 
 def identity_init(model):
-    """Start every conv3x3 after the first as a partial identity (airbench's dirac initialization).
+    """Start every conv3x3 after the stem's first as a partial identity (airbench's dirac initialization):
+    the first min(inputs, outputs) filters pass their channel through, so a net of plain conv stages
+    without shortcuts starts close to a shallow one and trains like it early on."""
 
-    Each conv's first min(inputs, outputs) filters pass their input channel through unchanged, the rest
-    keep their random start. A net of plain conv stages without shortcuts then starts out close to a
-    shallow one and trains like it early on (in airbench it cut the epochs further on top of the
-    whitening). The stem's first conv (whitened, or reading the image) is left.
-    """
     convs = [layer for part in model.layers if part.name in ("stem", "cnn_branch")
              for layer in part.stack.layers if isinstance(layer, layers.Conv2D)]
     for conv in convs[1:]:
         kh, kw, channels, filters = conv.kernel.shape
-        if conv.kernel_size != (3, 3):  # the patch stem's 2x2 conv has no centre tap
-            continue
         kernel = keras.ops.convert_to_numpy(conv.kernel).copy()
         n = min(channels, filters)
         kernel[..., :n] = 0.0
@@ -989,42 +933,37 @@ def resolve_precision(precision):
     return "mixed_bfloat16" if _cpu_bf16_is_faster() else "float32"
 
 
+def seconds_of(call):
+    """Wall seconds that `call()` takes."""
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
 def matmul_gflops(dtype, n=2048, repeats=10):
     """This machine's measured speed of an n x n matmul in `dtype`, in GFLOP/s (median of `repeats`)."""
     a = tf.cast(tf.random.normal((n, n)), dtype)
     matmul = tf.function(lambda a: tf.matmul(a, a))
-    matmul(a).numpy()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        matmul(a).numpy()
-        times.append(time.perf_counter() - started)
-    return 2 * n ** 3 / float(np.median(times)) / 1e9
-
-
-@functools.cache
-def _cpu_bf16_is_faster():
-    """Native bf16 flags, and bf16 matmuls that beat float32's by a clear margin when timed.
-
-    The flags alone mislead: an AMD Zen 5 multiplies bf16 faster than float32, but an Intel Xeon
-    with avx512_bf16 and no AMX multiplies it slower and trains slower in it (RESULTS.md, "Throughput").
-    Half a second of timing, once per process.
-    """
-    if not _cpu_has_native_bf16():
-        return False
-    return matmul_gflops(tf.bfloat16, n=1024, repeats=5) > 1.25 * matmul_gflops(tf.float32, n=1024, repeats=5)
+    times = [seconds_of(lambda: matmul(a).numpy()) for _ in range(repeats + 1)]  # the first call traces
+    return 2 * n ** 3 / float(np.median(times[1:])) / 1e9
 
 
 def onednn_allows_bf16():
-    """False under ONEDNN_MAX_CPU_ISA=AVX2 or older, which makes an AVX-512 machine run like an AVX2-only
-    CPU: oneDNN then has no bf16 matmul and aborts the process on one."""
+    """False under ONEDNN_MAX_CPU_ISA=AVX2 or older (an AVX-512 machine run as an AVX2-only one): oneDNN
+    then has no bf16 matmul and aborts the process on one."""
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
     return isa in ("ALL", "DEFAULT") or isa.startswith(("AVX512", "AVX10"))
 
 
+@functools.cache
+def _cpu_bf16_is_faster():
+    """Native bf16 flags, and bf16 matmuls timed (half a second, once per process) at 1.25x float32's:
+    an Intel Xeon with avx512_bf16 and no AMX trains slower in bf16 (RESULTS.md, "Throughput")."""
+    return onednn_allows_bf16() and _cpu_has_native_bf16() and \
+        matmul_gflops(tf.bfloat16, n=1024, repeats=5) > 1.25 * matmul_gflops(tf.float32, n=1024, repeats=5)
+
+
 def _cpu_has_native_bf16():
-    if not onednn_allows_bf16():
-        return False
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
@@ -1034,18 +973,15 @@ def _cpu_has_native_bf16():
         platform.machine() == "aarch64" and " bf16" in flags)
 
 
-# ----------------------------------------------------------------------------
-# Trainer: a custom loop (see docs/design.md) over a tf.distribute strategy.
-# ----------------------------------------------------------------------------
+
+# --- Trainer: a custom loop (see docs/design.md) over a tf.distribute strategy ------------------------------
 
 @keras.saving.register_keras_serializable(package="cifar_hybrid")
 class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up to `peak`, then cosine decay to zero at `total_steps`.
+    """Linear warm-up to `peak`, then cosine decay to zero at `total_steps`, a horizon that can move.
 
-    Like Keras's `CosineDecay` with warm-up, except that the horizon can move: a time-budgeted
-    run that falls behind or gets ahead calls `retarget`, which keeps the rate it has reached
-    and spreads the rest of the decay over the new horizon. So the rate still ends exactly at
-    zero, and it never rises after the warm-up however often the plan changes.
+    A time-budgeted run that falls behind or gets ahead calls `retarget`, which keeps the rate reached
+    and spreads the rest of the decay over the new horizon: the rate still ends at zero and never rises.
     """
 
     def __init__(self, peak, total_steps, warmup_fraction, warmup_steps=None, anchor_step=None,
@@ -1092,11 +1028,8 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def orthogonalized(matrix, steps=3):
-    """An approximation of U V^T for matrix = U S V^T: the gradient with all its directions at one scale.
-
-    The quintic Newton-Schulz iteration of K. Jordan's Muon, whose coefficients push the singular
-    values towards 1 fast rather than exactly; three steps as in airbench's Muon version.
-    """
+    """About U V^T for matrix = U S V^T, all directions at one scale: the quintic Newton-Schulz iteration
+    of K. Jordan's Muon, which pushes the singular values towards 1 fast rather than exactly."""
     wide = matrix.shape[0] <= matrix.shape[1]
     x = matrix if wide else ops.transpose(matrix)
     x = x / (ops.sqrt(ops.sum(ops.square(x))) + 1e-7)  # all singular values <= 1
@@ -1107,20 +1040,15 @@ def orthogonalized(matrix, steps=3):
 
 
 class ShiftScaledAdamW(keras.optimizers.AdamW):
-    """AdamW whose batch-norm shifts (beta) learn `shift_lr_scale` times faster than the rest.
+    """AdamW whose batch-norm shifts (beta) learn `shift_lr_scale` times faster, and whose conv kernels
+    (`kernels`) take Muon steps when `muon_step` > 0 (docs/design.md).
 
-    Why: batch norm makes a conv's output blind to its kernel's scale, so AdamW's steps of about
-    the learning rate turn the small kernels (entries of about 0.04) fast, while the shifts, which
-    decide where each ReLU cuts, move by the same amount on a scale of about 1 and lag behind.
-    K. Jordan's airbench gives them 64x the rate under SGD ("scalebias"); 8x under AdamW won on
-    validation here (RESULTS.md, "Ablations").
-
-    With `muon_step` > 0 the conv kernels in `kernels` take Muon steps instead (K. Jordan's Muon, as
-    airbench applies it to its convs): the Nesterov momentum of the gradient, orthogonalized, and
-    the kernel kept at a fixed norm, which batch norm makes free to choose, so each step turns the
-    kernel by a set angle: `muon_step` times the schedule's fraction of its peak. The ViT's and the
-    head's matrices stay with AdamW: Muon for them too lost an hour's run (RESULTS.md, "Ablations").
+    Batch norm makes a conv blind to its kernel's scale, so AdamW turns the small kernels fast while the
+    shifts, on a scale of about 1, lag behind (airbench's "scalebias"). Muon steps: the Nesterov momentum,
+    orthogonalized, with the kernel held at a fixed norm, so each step turns it by `muon_step` times the
+    schedule's fraction of its peak.
     """
+
 
     def __init__(self, learning_rate, shifts=(), shift_lr_scale=1.0, kernels=(), muon_step=0.0,
                  muon_momentum=0.9, **kwargs):
@@ -1183,10 +1111,8 @@ class PeerLost(Exception):
 
 
 def make_strategy(name):
-    """The `tf.distribute` strategy for --distribute (README, "Training on several GPUs or machines").
-
-    Call it first: a multi-worker strategy must exist before TensorFlow starts its runtime.
-    """
+    """The `tf.distribute` strategy for --distribute; call it first: a multi-worker strategy must exist
+    before TensorFlow starts its runtime."""
     try:
         cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
     except (ValueError, AttributeError):
@@ -1198,10 +1124,9 @@ def make_strategy(name):
     if name == "multi-worker":
         if workers < 2:
             raise InputError("--distribute multi-worker needs TF_CONFIG naming two or more workers")
-        # No per-collective timeout (CommunicationOptions(timeout_seconds=...)): TensorFlow gives every
-        # collective that has one a thread that sleeps out the whole timeout, and at dozens of collectives
-        # per step they pile up until the process can start no more. A dead or frozen peer is found by
-        # the coordination service's heartbeats instead, which abort every pending collective.
+        # No per-collective timeout: TensorFlow gives each collective that has one a thread that sleeps out
+        # the timeout, and at dozens per step they pile up until no thread can start. The coordination
+        # service's heartbeats find a dead or frozen peer instead, and abort every pending collective.
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "mirrored":  # all local GPUs; without any, all logical CPU devices
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
@@ -1212,11 +1137,10 @@ def make_strategy(name):
 def is_chief(strategy):
     """True for the one process that writes outputs: the chief, worker 0 without a chief, or a lone process."""
     resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
-        return True
-    task_type, task_id = resolver.task_type, resolver.task_id
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    return task_type in (None, "chief") or (task_type == "worker" and task_id == 0 and not has_chief)
+    cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    return not cluster or resolver.task_type in (None, "chief") or (
+        resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in cluster)
+
 
 
 class Trainer:
@@ -1233,9 +1157,8 @@ class Trainer:
         self.is_chief = is_chief(self.strategy)
         self.precision = resolve_precision(config.precision)
         self._split()
-        self.train_pipeline = AugmentationPipeline(
-            self.x_train, self.y_train, self.global_batch, config.seed,
-            config.crop_padding, config.flip)
+        self.train_pipeline = AugmentationPipeline(self.x_train, self.y_train, self.global_batch, config.seed,
+                                                   config.crop_padding, config.flip)
         self.val_pipeline = AugmentationPipeline(self.x_val, self.y_val, config.batch_size)
         self.steps_per_epoch = self.train_pipeline.steps_per_epoch()
         if self.steps_per_epoch < 1:
@@ -1246,8 +1169,7 @@ class Trainer:
         with self.strategy.scope():
             self.model = build_model(config, self.precision, self.replicas > 1, data.fine_names)
         initialize_convolutions(self.model, config, self.x_train)  # a resumed run restores its weights over these
-        self.loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing,
-                                                            reduction=None)
+        self.loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing, reduction=None)
         self.history = []
         self.start_epoch, self.start_step, self.partial = 0, 0, (0.0, 0.0, 0.0)  # where fit() begins
         self.best_accuracy, self.stop_signal = -1.0, None
@@ -1255,6 +1177,7 @@ class Trainer:
             if config.tensorboard and self.is_chief else None
         self._predict_step = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True,
                                          autograph=False)
+
         self._prepare_training()
 
     def _prepare_training(self):
@@ -1417,18 +1340,12 @@ class Trainer:
         return model
 
 
-# ----------------------------------------------------------------------------
-# Run machinery: backups, time plans, one run per output, durable files, size timing.
-# ----------------------------------------------------------------------------
+# --- Run machinery: backups, time plans, one run per output, durable files, size timing ---------------------
 
 class TrainingBackup:
-    """The training state a rerun resumes from (docs/reference.md, "Interrupting and resuming").
-
-    TensorFlow's CheckpointManager over the weights (with the dropout seed state), the AdamW state,
-    the schedule's moving horizon, the best-validation weights and the progress of `trainer`,
-    whose attributes it reads when saving and sets when restoring. Made anew whenever the trainer
-    makes a new optimizer. `RunLock` keeps a second run away from the same backup.
-    """
+    """The training state a rerun resumes from (docs/reference.md, "Interrupting and resuming"): weights
+    (with the dropout seed state), optimizer state, the schedule's horizon, the best-validation weights and
+    the progress of `trainer`, whose attributes it reads when saving and sets when restoring."""
 
     RESUME_IGNORES = ("data", "output", "checkpoint_dir", "fresh", "tta", "tensorboard")  # may change on resume
     # Options older backups lack, as those runs trained; options since removed, as this code trains. A
@@ -1527,11 +1444,8 @@ class TrainingBackup:
 
 
 class TimePlan:
-    """--time-budget: epochs and steps per epoch from the pace measured on this machine, re-planned
-    after every epoch so the run ends within its budget (docs/reference.md, "Training within a time budget").
-
-    It sets `trainer.epochs`, `steps_per_epoch` and `total_steps`, and moves the schedule's horizon.
-    """
+    """--time-budget: the trainer's epochs, steps per epoch and schedule horizon from the pace measured
+    on this machine, re-planned after every epoch so the run ends within its budget."""
 
     def __init__(self, trainer, deadline, reserve_seconds=0.0):
         self.trainer, self.deadline, self.reserve_seconds = trainer, deadline, reserve_seconds
@@ -1539,28 +1453,17 @@ class TimePlan:
 
     @classmethod
     def measure(cls, trainer, seconds, test_images):
-        """Fix epochs and steps per epoch so training, validation and the test pass fit in `seconds`.
-
-        Times real training steps (then restores the initial weights), one validation pass and
-        the test pass it implies, so the plan holds on whatever hardware runs it.
-        """
+        """Fix epochs and steps so training, validation and the test pass fit in `seconds`, timing real
+        training steps (then restoring the initial weights) and a validation pass."""
         t = trainer
         planning_started = time.time()
         initial = t.model.get_weights()
         batches = iter(t.strategy.experimental_distribute_dataset(t.train_pipeline.train_dataset(epoch=0)))
-        started = time.time()
-        float(t._train_step(*next(batches))[0])
-        compile_seconds = time.time() - started
-        times = []
-        for _ in range(min(12, t.steps_per_epoch - 1)):
-            started = time.time()
-            float(t._train_step(*next(batches))[0])
-            times.append(time.time() - started)
-        step_seconds = float(np.median(times)) if times else compile_seconds
+        times = [seconds_of(lambda: float(t._train_step(*next(batches))[0])) for _ in range(min(13, t.steps_per_epoch))]
+        compile_seconds = times[0]
+        step_seconds = float(np.median(times[1:])) if len(times) > 1 else compile_seconds
         t.predict(t.val_pipeline)  # the first pass also traces the function: time the second
-        started = time.time()
-        t.predict(t.val_pipeline)
-        val_seconds = time.time() - started
+        val_seconds = seconds_of(lambda: t.predict(t.val_pipeline))
         passes = 2 * len(TTA_VIEWS) if t.config.tta else 1
         test_seconds = passes * val_seconds * (1 + test_images / max(1, len(t.val_pipeline))) + 5.0
         # 5% margin; the compile is paid again because the real plan gets a fresh step function.
@@ -1582,12 +1485,9 @@ class TimePlan:
         return cls(trainer, planning_started + 0.97 * seconds, test_seconds)
 
     def replan(self, remaining_epochs, train_seconds, val_seconds):
-        """Fit the remaining epochs to the pace measured so far; the schedule's horizon follows.
-
-        The pace is that of every step of this run, not the last epoch's alone: a shared machine's
-        speed jumps from one epoch to the next, and following each jump would resize the epochs back
-        and forth. Only the last epoch plans with the slowest recent pace, so the run ends in time.
-        """
+        """Fit the remaining epochs to the pace of every step so far (a shared machine's speed jumps between
+        epochs; following each jump would resize them back and forth); the last epoch takes the slowest
+        recent pace, so the run ends in time. The schedule's horizon follows."""
         t = self.trainer
         self.epoch_paces.append(train_seconds / t.steps_per_epoch)
         self.epoch_steps.append(t.steps_per_epoch)
@@ -1615,12 +1515,8 @@ def fsync_path(path):
 
 
 def write_atomically(path, content):
-    """`content` (text, bytes, or a function that writes to a file name) into a temporary file beside `path`, then
-    a rename: an interrupted write never leaves half a file and never touches the previous one.
-
-    As databases do it: the file is fsynced before the rename and the folder after it, so even a power
-    cut leaves either the old file or the whole new one under `path` (docs/reference.md, "Interrupting and resuming").
-    """
+    """`content` (text, bytes, or a function that writes to a file name) into a temporary file beside `path`,
+    fsynced, renamed over `path`, and the folder fsynced: even a power cut leaves the old file or the new one."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     os.close(fd)
@@ -1657,11 +1553,8 @@ def save_model_atomically(model, path):
 
 
 class RunLock:
-    """One run per output: an exclusive advisory lock (`flock`) on the file `lock` in the backup folder.
-
-    Taken before the backup is read; the kernel drops it when the process ends, however it ends, so
-    a killed run never leaves a stale lock. The file holds the PID of the run that has it.
-    """
+    """One run per output: an exclusive `flock` on the file `lock` (holding the PID) in the backup folder,
+    taken before the backup is read. The kernel drops it however the process ends: no stale locks."""
 
     def __init__(self, folder):
         self.folder, self.path, self.fd = folder, os.path.join(folder, "lock"), None
@@ -1713,11 +1606,9 @@ def check_free_space(config, parameters):
 
 
 def choose_model_size(config, seconds, train_images):
-    """--time-budget with --model-size auto: the largest size that trains `MIN_EPOCHS_PER_SIZE` epochs.
+    """--time-budget with --model-size auto: the largest size that trains `MIN_EPOCHS_PER_SIZE` epochs, from a
+    few timed steps of each size, smallest first (at most about 5 % of the budget); a resumed run keeps its size."""
 
-    Times a few real training steps of each size, smallest first, on this machine, for at most
-    about 5 % of the budget. A resumed run keeps the size its backup was made with instead.
-    """
     path = None if config.fresh else tf.train.latest_checkpoint(config.checkpoint_dir)
     try:
         saved = path and json.loads(tf.train.load_variable(path, "config/.ATTRIBUTES/VARIABLE_VALUE"))["model_size"]
@@ -1759,17 +1650,12 @@ def time_training_step(config, repeats=5):
         optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
         return loss
 
-    times = []
-    for _ in range(repeats + 2):  # the first call traces and the second warms the caches
-        started = time.time()
-        float(step())
-        times.append(time.time() - started)
+    times = [seconds_of(lambda: float(step())) for _ in range(repeats + 2)]  # a call to trace, one to warm up
     return float(np.median(times[2:]))
 
 
-# ----------------------------------------------------------------------------
-# Evaluation and the run's reports
-# ----------------------------------------------------------------------------
+
+# --- Evaluation and the run's reports -----------------------------------------------------------------------
 
 def evaluate(probs, labels, class_names, fine_to_coarse=None, coarse_labels=None):
     """Top-1, top-5, superclass accuracy of the fine predictions, scikit-learn's per-class figures,
@@ -1835,8 +1721,9 @@ def describe_environment():
     gpus = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
             for gpu in tf.config.list_physical_devices("GPU")]
     return {"versions": {"cifar_hybrid_classifier": __version__, "python": platform.python_version(),
-                         "tensorflow": tf.__version__,
-                         "keras": keras.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__},
+                         "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
+                         "scikit-learn": sklearn.__version__},
+
             "hardware": {"cpu": cpu, "logical_cpus": os.cpu_count(), "gpus": gpus, "platform": platform.platform()}}
 
 
@@ -1892,9 +1779,7 @@ def save_plots(history, confusion, class_names, stem):
         plt.close(figure)
 
 
-# ----------------------------------------------------------------------------
-# Using a saved model: load it, read image files, predict.
-# ----------------------------------------------------------------------------
+# --- Using a saved model: load it, read image files, predict ------------------------------------------------
 
 def load_model(path):
     """Load a saved model, with its `class_names` (None for models saved without them).
@@ -1914,12 +1799,11 @@ def load_model(path):
     return model
 
 
-# Images are measured from their headers before they are decoded: a file of a megabyte can declare
-# gigapixels (a decompression bomb), and decoding allocates them all. The limit is on the pixels a
-# decode allocates, at most four bytes each (RGBA), so 100 megapixels cost at most 400 MB.
+# Images are measured from their headers before decoding: a file of a megabyte can declare gigapixels
+# (a decompression bomb). The limit is on decoded pixels, at most 4 bytes each: 100 MP cost <= 400 MB.
 MAX_IMAGE_MEGAPIXELS = 100
-# A large JPEG is decoded at 1/2, 1/4 or 1/8 scale (the DCT does the first shrinking), keeping at least
-# this many pixels on its shorter side so that the final 32x32 box filter still averages 8x8 pixels.
+# Large JPEGs decode at 1/2, 1/4 or 1/8 scale (in the DCT), keeping this many pixels on the shorter side
+# so that the 32x32 box filter still averages 8x8 of them.
 JPEG_MIN_DECODED_SIDE = 256
 
 
@@ -2034,11 +1918,9 @@ def as_rgb(pixels):
 
 
 def shrink_to_cifar(pixels, strip_bytes=1 << 24):
-    """Decoded uint8 pixels as 32x32 RGB: the central square, each output pixel the average of its area (a
-    box filter, as CIFAR's images were made); small images are enlarged bilinearly.
-
-    The box filter is separable, so the square is summed in strips of rows: only one strip at a time
-    is ever float32, whatever the image's size."""
+    """Decoded uint8 pixels as 32x32 RGB: the central square, each output pixel the average of its area (as
+    CIFAR's images were made), summed in strips of rows so only one strip at a time is ever float32;
+    small images are enlarged bilinearly."""
     height, width = pixels.shape[:2]
     side, out = min(height, width), IMAGE_SHAPE[0]
     top, left = (height - side) // 2, (width - side) // 2
@@ -2055,11 +1937,8 @@ def shrink_to_cifar(pixels, strip_bytes=1 << 24):
 
 
 def read_image(path, max_megapixels=MAX_IMAGE_MEGAPIXELS):
-    """An image file as 32x32 RGB uint8, shrunk the way CIFAR images were (docs/reference.md, "Predicting
-    your own images").
-
-    Its size is read from its header first: an image that would decode to more than `max_megapixels`
-    is refused before any pixel is decoded."""
+    """An image file as 32x32 RGB uint8, shrunk the way CIFAR images were; an image whose header says it
+    would decode to more than `max_megapixels` is refused before any pixel is decoded."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -2087,9 +1966,8 @@ def read_image(path, max_megapixels=MAX_IMAGE_MEGAPIXELS):
     return shrink_to_cifar(np.asarray(decoded))  # a view of the tensor's pixels, not a copy
 
 
-# Test-time augmentation: (rows down, columns right, weight) of each view, taken of the image and of its
-# mirror image. Chosen on validation data, where the two one-pixel diagonal shifts at half weight
-# added most beyond the mirror image (RESULTS.md, "Ablations").
+# Test-time augmentation: (rows down, columns right, weight) of each view, of the image and its mirror
+# image; chosen on validation data (RESULTS.md, "Ablations").
 TTA_VIEWS = ((0, 0, 1.0), (1, 1, 0.5), (-1, -1, 0.5))
 
 
@@ -2123,11 +2001,8 @@ def predict_probabilities(model, images, batch_size=256, tta=False, with_plain=F
 
 
 def explain_images(model, images):
-    """Class probabilities, the ViT's attention rollout and the CNN's Grad-CAM for (N, 32, 32, 3) images.
-
-    Runs the saved model's own layers (no copy that could drift), in the order `build_model` joins
-    them. Returns (probs, rollout, gradcam); a map is None when the model lacks its branch.
-    """
+    """(probs, the ViT's attention rollout, the CNN's Grad-CAM) for (N, 32, 32, 3) images, from the saved
+    model's own layers joined as `build_model` joins them; a map is None when the model lacks its branch."""
     parts = {type(layer): layer for layer in model.layers}
     standardize, stem, cnn, vit, head = (parts.get(kind) for kind in
                                          (ImageStandardization, ConvStem, CNNBranch, ViTBranch, FusionHead))
@@ -2157,12 +2032,10 @@ def explain_images(model, images):
 
 
 def attention_rollout(scores):
-    """Abnar and Zuidema 2020: how much each patch feeds the CLS token through all the blocks.
+    """How much each patch feeds the CLS token through all the blocks (Abnar and Zuidema 2020), as
+    (N, side, side) maps that sum to 1, from each block's (N, heads, tokens, tokens) attention weights:
+    heads averaged, the identity added for the residual path, rows renormalised, blocks multiplied."""
 
-    `scores` are the blocks' attention weights, (N, heads, tokens, tokens) each, CLS first. Each
-    block's heads are averaged, the identity added for the residual path and the rows renormalised;
-    the blocks' matrices multiply. Returns (N, side, side) maps that sum to 1.
-    """
     rollout = None
     for block in scores:
         a = np.asarray(block, np.float64).mean(axis=1)
@@ -2252,44 +2125,30 @@ def replace_folder(source, target):
         shutil.rmtree(previous)
 
 
-def folder_bytes(path):
-    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
 
+# --- Command line -------------------------------------------------------------------------------------------
 
-# ----------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------
-
-def _check_writable(folder, option, value):
+def check_writable(path, option, is_folder=False):
+    """Fail fast, before loading data or training, if `path` (a file, or with `is_folder` a folder that may
+    not exist yet) cannot be written."""
+    if os.path.exists(path) and os.path.isdir(path) != is_folder:
+        raise InputError(f"{option} {path}: is a {'file, not a folder' if is_folder else 'folder'}; choose "
+                         f"another {option}")
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"{option} {path}: folder {folder} does not exist; create it first")
     try:  # a real write: permission bits alone miss read-only mounts
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
             pass
     except OSError as exc:
-        raise InputError(f"{option} {value}: folder {folder} is not writable ({exc.strerror}); "
+        raise InputError(f"{option} {path}: folder {folder} is not writable ({exc.strerror}); "
                          f"choose another {option}") from None
 
 
 def check_output_path(path):
-    """Fail fast (before loading data or training) if the model cannot be written."""
     if not path.endswith(".keras"):
         raise InputError(f"--output {path}: the file name must end in .keras")
-    if os.path.isdir(path):
-        example = os.path.join(path, "cifar_hybrid.keras")
-        raise InputError(f"--output {path}: is a folder; give a file name such as {example}")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise InputError(f"--output {path}: folder {folder} does not exist; create it first")
-    _check_writable(folder, "--output", path)
-
-
-def check_folder(path, option):
-    """A folder that exists and is writable, or can be created in one that is."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise InputError(f"{option} {path}: is a file, not a folder; choose another {option}")
-    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise InputError(f"{option} {path}: folder {folder} does not exist; create it first")
-    _check_writable(folder, option, path)
+    check_writable(path, "--output")
 
 
 def print_parameter_summary(model):
@@ -2307,9 +2166,9 @@ def run(config):
     if keras.backend.backend() != "tensorflow":  # the loop uses tf.distribute; a saved model runs anywhere
         raise InputError(f"training needs the TensorFlow backend, not KERAS_BACKEND={keras.backend.backend()}")
     check_output_path(config.output)
-    check_folder(config.checkpoint_dir, "--checkpoint-dir")
+    check_writable(config.checkpoint_dir, "--checkpoint-dir", is_folder=True)
     if config.tensorboard:
-        check_folder(config.tensorboard, "--tensorboard")
+        check_writable(config.tensorboard, "--tensorboard", is_folder=True)
     strategy = make_strategy(config.distribute)
     if config.time_budget and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         raise InputError("--time-budget cannot be used with multi-worker training (each worker would time "
@@ -2467,7 +2326,7 @@ def predict_images(args):
 def explain_files(args):
     """The `explain` command: one picture per image; exit code 0, or 2 if any file could not be read."""
     model = load_model(args.model)
-    check_folder(args.output_dir, "--output-dir")
+    check_writable(args.output_dir, "--output-dir", is_folder=True)
     os.makedirs(args.output_dir, exist_ok=True)
     results, images = read_image_files(args.images, args.max_megapixels)
     read = [r for r in results if "error" not in r]
@@ -2499,11 +2358,10 @@ def export_files(args):
     targets = {"savedmodel": stem + ".savedmodel", "tflite": stem + ".tflite"}
     formats = list(targets) if args.format == "all" else [args.format]
     folder = os.path.dirname(os.path.abspath(stem))
-    if not os.path.isdir(folder):
-        raise InputError(f"--output {stem}: folder {folder} does not exist; create it first")
-    _check_writable(folder, "--output", stem)
+    check_writable(targets["tflite"], "--output")
     if "savedmodel" in formats and os.path.exists(targets["savedmodel"]) and not os.path.isdir(targets["savedmodel"]):
         raise InputError(f"--output {stem}: {targets['savedmodel']} is a file, not a SavedModel folder")
+
     if args.data is not None:
         images = load_test_set(model, args).x_test
     else:
@@ -2532,8 +2390,10 @@ def export_files(args):
         if "tflite" in formats:
             write_atomically(targets["tflite"], blob)
     for name in formats:
-        size = folder_bytes(targets[name]) if name == "savedmodel" else os.path.getsize(targets[name])
+        size = sum(os.path.getsize(os.path.join(root, file)) for root, _, files in os.walk(targets[name])
+                   for file in files) if name == "savedmodel" else os.path.getsize(targets[name])
         print(f"wrote {targets[name]} ({size / 1e6:.1f} MB)")
+
     return 0
 
 
