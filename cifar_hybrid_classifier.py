@@ -1697,10 +1697,11 @@ def evaluate_on_test_set(trainer, model, data, started):
         return predict_probabilities(model, images, tta=config.tta, with_plain=True)
 
     if config.tta:  # evidence for test-time augmentation comes from validation data, never the test set
-        plain, augmented = (np.mean(p.argmax(-1) == trainer.y_val) for p in plain_and_tta(trainer.x_val))
+        plain, augmented = (float(np.mean(p.argmax(-1) == trainer.y_val)) for p in plain_and_tta(trainer.x_val))
         print(f"validation top-1 {100 * plain:.2f}% plain, {100 * augmented:.2f}% with TTA")
     plain, probs = plain_and_tta(data.x_test)
     results = evaluate(probs, data.y_test, data.fine_names, data.fine_to_coarse(), data.coarse_test)
+    results["validation_top1_with_tta"] = augmented if config.tta else None
     results["top1_plain"] = float(np.mean(plain.argmax(-1) == data.y_test))
     results["text"] = format_report(results, f"Test set classification report (fine labels"
                                              f"{', TTA' if config.tta else ''}):")
@@ -1737,6 +1738,8 @@ def write_run_reports(trainer, results, stem, started):
     test = {key: results[key] for key in ("top1", "top5", "superclass_top1") if key in results}
     test.update(top1_without_tta=results["top1_plain"], tta=config.tta, images=int(results["confusion"].sum()))
     metrics = {"test": test, "best_validation_top1": trainer.best_accuracy,
+               "validation_top1_with_tta": results["validation_top1_with_tta"],
+
                "per_class": {name: per_class[name] for name in names},
                "averages": {name: per_class[name] for name in ("macro avg", "weighted avg")},
                "most_confused": results["most_confused"], "epochs_trained": len(trainer.history),

@@ -44,7 +44,8 @@ def test_script_trains_reports_and_saves(tmp_path, cifar_tarball):
     assert "precision" in out and "recall" in out and "f1-score" in out
     assert all(name in out for name in (FINE_NAMES[0], FINE_NAMES[57], FINE_NAMES[99]))
     assert "test top-1" in out and "top-5" in out and "superclass top-1" in out
-    assert re.search(r"validation top-1 [\d.]+% plain, [\d.]+% with TTA", out) and "(fine labels, TTA)" in out
+    validation = re.search(r"validation top-1 [\d.]+% plain, ([\d.]+)% with TTA", out)
+    assert validation and "(fine labels, TTA)" in out
     assert "Most confused classes" in out
     assert f"saved the model to {output}" in out
     assert output.is_file() and output.stat().st_size > 10_000
@@ -68,6 +69,7 @@ def test_script_trains_reports_and_saves(tmp_path, cifar_tarball):
     assert set(test) == {"top1", "top5", "superclass_top1", "top1_without_tta", "tta", "images"}
     assert test["images"] == 200 and test["tta"] is True and 0 <= test["top1"] <= test["top5"] <= 1
     assert f"test top-1 {100 * test['top1']:.2f}%  top-5 {100 * test['top5']:.2f}%" in out
+    assert f"{100 * metrics['validation_top1_with_tta']:.2f}" == validation.group(1)
     assert list(metrics["per_class"]) == FINE_NAMES
     assert set(metrics["per_class"][FINE_NAMES[3]]) == {"precision", "recall", "f1-score", "support"}
     assert metrics["config"]["epochs"] == 2 and metrics["seed"] == 42 and metrics["epochs_trained"] == 2
