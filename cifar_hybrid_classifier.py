@@ -51,34 +51,33 @@ except ImportError:  # Windows
 from dataclasses import dataclass, field
 
 
-def silence_native_stderr():
-    """Point file descriptor 2 at /dev/null and return the function that points it back.
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """File descriptor 2 points at /dev/null inside the block.
 
     TensorFlow's C++ start-up lines (oneDNN notes, "failed call to cuInit" without a GPU) go straight to
     descriptor 2 before any log threshold applies. Setting TF_CPP_MIN_LOG_LEVEL (to anything) shows them.
     """
     if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
-        return lambda: None
+        yield
+        return
     sys.stderr.flush()
     saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 2)
     os.close(null)
-
-    def restore():
+    try:
+        yield
+    finally:
         sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
-    return restore
 
 
-_restore_stderr = silence_native_stderr()
-try:
+with native_stderr_silenced():
     import numpy as np
     import tensorflow as tf
     import keras
     from keras import layers, ops
-finally:
-    _restore_stderr()
 
 __version__ = "1.0.0"
 NUM_CLASSES = 100
@@ -1267,7 +1266,6 @@ class Trainer:
     def fit(self):
         """Train from `start_epoch`/`start_step` (non-zero after `resume`), backing up after every epoch."""
         c = self.config
-        verbose = 1 if sys.stdout.isatty() else 0
         for epoch in range(self.start_epoch, self.epochs):
             start, done = time.time(), self.start_step
             loss_sum, correct, seen = self.partial if done else (0.0, 0.0, 0.0)
@@ -1276,7 +1274,8 @@ class Trainer:
             options = tf.data.Options()  # several workers: each takes its share of every global batch
             options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
             dataset = self.strategy.experimental_distribute_dataset(dataset.with_options(options))
-            progress = keras.utils.Progbar(self.steps_per_epoch, verbose=verbose, stateful_metrics=["loss", "acc"])
+            progress = keras.utils.Progbar(self.steps_per_epoch, verbose=int(sys.stdout.isatty()),
+                                           stateful_metrics=["loss", "acc"])
             step = done
             for step, (images, labels) in enumerate(dataset, done + 1):
                 loss, hits = self._train_step(images, labels)
@@ -1296,8 +1295,8 @@ class Trainer:
             probs = self.predict(self.val_pipeline)
             val_accuracy = float(np.mean(probs.argmax(-1) == self.y_val))
             record = {"epoch": epoch + 1, "seconds": time.time() - start, "elapsed": time.time() - self.started,
-                      "learning_rate": self.learning_rate(),
-                      "train_loss": loss_sum / max(step, 1), "train_accuracy": correct / max(seen, 1),
+                      "learning_rate": self.learning_rate(), "train_loss": loss_sum / max(step, 1),
+                      "train_accuracy": correct / max(seen, 1),
                       "val_loss": float(-np.mean(np.log(probs[np.arange(len(probs)), self.y_val] + 1e-12))),
                       "val_accuracy": val_accuracy}
             self.history.append(record)
@@ -1308,10 +1307,11 @@ class Trainer:
                 for best, weight in zip(self.best_weights, self.model.weights):
                     best.assign(weight)
             self.backup.save(epoch + 1, 0)
-            self.log(f"epoch {epoch + 1}/{self.epochs}  loss {record['train_loss']:.3f}  "
-                     f"train {100 * record['train_accuracy']:.1f}%  val {100 * val_accuracy:.2f}%"
-                     f"{' (best)' if improved else ''}  lr {record['learning_rate']:.2e}  "
-                     f"{record['seconds']:.0f}s")
+            self.log(f"epoch {epoch + 1}/{self.epochs}  loss {record['train_loss']:.3f}  train "
+                     f"{100 * record['train_accuracy']:.1f}%  val {100 * val_accuracy:.2f}%{' (best)' * improved}  "
+                     f"lr {record['learning_rate']:.2e}  {record['seconds']:.0f}s")
+
+
             self.check_stop()
             if self.time_plan is not None and epoch + 1 < self.epochs:
                 self.time_plan.replan(self.epochs - epoch - 1, train_seconds, time.time() - start - train_seconds)
@@ -1523,12 +1523,9 @@ def write_atomically(path, content):
     try:
         if callable(content):
             content(tmp)
-        elif isinstance(content, bytes):
-            with open(tmp, "wb") as f:
-                f.write(content)
         else:
-            with open(tmp, "w", newline="") as f:
-                f.write(content)
+            with open(tmp, "wb") as f:
+                f.write(content if isinstance(content, bytes) else content.encode("utf-8"))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's private 0600 would otherwise reach the final file
@@ -2428,11 +2425,8 @@ def evaluate_model(args):
 def main(argv=None):
     """`[train] [options]`, or a command that uses a saved model (`COMMANDS`); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    restore = silence_native_stderr()
-    try:
+    with native_stderr_silenced():
         tf.config.list_physical_devices()  # TensorFlow probes for GPUs here, and says so on stderr
-    finally:
-        restore()
     commands = ("train", *COMMANDS)
     if argv and not argv[0].startswith("-") and argv[0] not in commands:  # training takes no positional argument
         close = difflib.get_close_matches(argv[0], commands, n=1)
