@@ -202,7 +202,7 @@ class Config:
     depth: int = _option(2, "number of transformer encoder blocks", _positive_int)
     num_heads: int = _option(4, "attention heads; must divide --embed-dim", _positive_int)
     head_units: int = _option(256, "width of the fusion head's hidden layer", _positive_int)
-    branches: str = _option("both", "which branches feed the fusion head; cnn alone takes 70 % of the time and beat "
+    branches: str = _option("both", "which branches feed the fusion head; cnn alone trains faster and beat "
                             "the hybrid at equal time on a CPU (RESULTS.md, \"Branch ablation\")", str,
                             choices=("both", "cnn", "vit"))
     # Advanced
