@@ -51,33 +51,34 @@ except ImportError:  # Windows
 from dataclasses import dataclass, field
 
 
-@contextlib.contextmanager
-def native_stderr_silenced():
-    """File descriptor 2 points at /dev/null inside the block.
+def silence_native_stderr():
+    """Point file descriptor 2 at /dev/null and return the function that points it back.
 
     TensorFlow's C++ start-up lines (oneDNN notes, "failed call to cuInit" without a GPU) go straight to
     descriptor 2 before any log threshold applies. Setting TF_CPP_MIN_LOG_LEVEL (to anything) shows them.
     """
     if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
-        yield
-        return
+        return lambda: None
     sys.stderr.flush()
     saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 2)
     os.close(null)
-    try:
-        yield
-    finally:
+
+    def restore():
         sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
+    return restore
 
 
-with native_stderr_silenced():
+_restore_stderr = silence_native_stderr()
+try:  # the module's top level stays definitions: importing it runs nothing else
     import numpy as np
     import tensorflow as tf
     import keras
     from keras import layers, ops
+finally:
+    _restore_stderr()
 
 __version__ = "1.0.0"
 NUM_CLASSES = 100
@@ -171,9 +172,8 @@ class Config:
     seed: int = _option(42, "seed for Python, NumPy, TensorFlow, Keras and the input pipeline", int)
     # Training
     epochs: int = _option(14, "training epochs (ignored with --time-budget)", _positive_int)
-    time_budget: float = _option(0.0, "minutes for the whole run, evaluation included: times the first "
-                                 "steps, then fixes epochs and steps so the schedule completes in time; "
-                                 "0 uses --epochs", _non_negative_float)
+    time_budget: float = _option(0.0, "minutes for the whole run, evaluation included: timed steps fix the "
+                                 "epochs and steps so the schedule ends in time; 0 uses --epochs", _non_negative_float)
     batch_size: int = _option(128, "images per training step and replica; the global batch is this times "
                               "the number of replicas", _positive_int)
     learning_rate: float = _option(2e-3, "peak AdamW learning rate (reached after warm-up) for one replica; "
@@ -181,17 +181,15 @@ class Config:
     distribute: str = _option("auto", "tf.distribute strategy; auto: multi-worker when TF_CONFIG names several "
                               "workers, mirrored when several GPUs are visible, else none", str,
                               choices=("auto", "none", "mirrored", "multi-worker"))
-    precision: str = _option("auto", "auto: mixed_float16 on a GPU; mixed_bfloat16 on a CPU with native bf16 "
-                             "where a bf16 matmul, timed for half a second, runs at least 1.25x as fast as "
-                             "float32's; else float32", str,
-                             choices=("auto", "float32", "mixed_bfloat16", "mixed_float16"))
+    precision: str = _option("auto", "auto: mixed_float16 on a GPU; mixed_bfloat16 on a CPU with native bf16 where "
+                             "a bf16 matmul, timed for half a second, runs 1.25x as fast as float32's; else float32",
+                             str, choices=("auto", "float32", "mixed_bfloat16", "mixed_float16"))
     tta: bool = _option(True, "test-time augmentation in the final evaluation: average the predictions for "
                         "each image, its mirror image, and both shifted one pixel diagonally each way")
     # Model
     model_size: str = _option("auto", "small, base or large (RESULTS.md, \"Model sizes\"); auto: base, or with "
                               "--time-budget the largest size this machine trains for at least "
-                              f"{MIN_EPOCHS_PER_SIZE} epochs in the budget", str,
-                              choices=("auto", *MODEL_SIZES))
+                              f"{MIN_EPOCHS_PER_SIZE} epochs in the budget", str, choices=("auto", *MODEL_SIZES))
     stem_width: int = _option(32, "channels of the convolutional stem both branches read (32x32 image to a "
                               "16x16 feature map)", _positive_int)
     cnn_widths: tuple = _option((128, 256), "channels of the CNN branch's stages after the stem; each stage "
@@ -215,9 +213,10 @@ class Config:
     label_smoothing: float = _option(0.1, "label smoothing of the cross-entropy loss", _rate)
     shift_lr_scale: float = _option(8.0, "learning-rate multiple for the batch norms' shifts (beta) in the "
                                     "stem and the CNN branch (docs/design.md)", _positive_float)
-    muon_step: float = _option(0.02, "peak angle (in radians, about) by which each Muon step turns a conv "
-                               "kernel of the stem and the CNN branch; 0: those kernels train with AdamW "
-                               "(docs/design.md)", _non_negative_float)
+    muon_step: float = _option(0.02, "peak angle (in radians, about) by which each Muon step turns a conv kernel "
+                               "of the stem and the CNN branch; 0: AdamW for them (docs/design.md)",
+                               _non_negative_float)
+
     crop_padding: int = _option(4, "pixels of padding before the random 32x32 crop (0 disables)", int)
     flip: bool = _option(True, "random horizontal flips")
     whiten_stem: bool = _option(True, "start the stem's first convolution as a whitening of the training "
@@ -1170,9 +1169,8 @@ class Trainer:
             self.model = build_model(config, self.precision, self.replicas > 1, data.fine_names)
         initialize_convolutions(self.model, config, self.x_train)  # a resumed run restores its weights over these
         self.loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing, reduction=None)
-        self.history = []
         self.start_epoch, self.start_step, self.partial = 0, 0, (0.0, 0.0, 0.0)  # where fit() begins
-        self.best_accuracy, self.stop_signal = -1.0, None
+        self.history, self.best_accuracy, self.stop_signal = [], -1.0, None
         self.tensorboard = tf.summary.create_file_writer(config.tensorboard) \
             if config.tensorboard and self.is_chief else None
         self._predict_step = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True,
@@ -1397,8 +1395,7 @@ class TrainingBackup:
 
     def restore(self):
         """Restore the last backup (unless --fresh) into the trainer; True if the run continues an earlier one."""
-        t = self.trainer
-        folder = t.config.checkpoint_dir
+        t, folder = self.trainer, self.trainer.config.checkpoint_dir
         path = tf.train.latest_checkpoint(folder)  # every worker reads the chief's backup
         if path is None:
             return False
@@ -1456,9 +1453,8 @@ class TimePlan:
     def measure(cls, trainer, seconds, test_images):
         """Fix epochs and steps so training, validation and the test pass fit in `seconds`, timing real
         training steps (then restoring the initial weights) and a validation pass."""
-        t = trainer
-        planning_started = time.time()
-        initial = t.model.get_weights()
+        t, planning_started, initial = trainer, time.time(), trainer.model.get_weights()
+
         batches = iter(t.strategy.experimental_distribute_dataset(t.train_pipeline.train_dataset(epoch=0)))
         times = [seconds_of(lambda: float(t._train_step(*next(batches))[0])) for _ in range(min(13, t.steps_per_epoch))]
         compile_seconds = times[0]
@@ -1809,10 +1805,9 @@ JPEG_MIN_DECODED_SIDE = 256
 
 
 def _png_size(raw):
-    if raw[12:16] != b"IHDR":
-        return None
     width, height = struct.unpack(">II", raw[16:24])
-    return width, height, width * height
+    return (width, height, width * height) if raw[12:16] == b"IHDR" else None
+
 
 
 def _bmp_size(raw):
@@ -2426,8 +2421,11 @@ def evaluate_model(args):
 def main(argv=None):
     """`[train] [options]`, or a command that uses a saved model (`COMMANDS`); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    with native_stderr_silenced():
+    restore = silence_native_stderr()
+    try:
         tf.config.list_physical_devices()  # TensorFlow probes for GPUs here, and says so on stderr
+    finally:
+        restore()
     commands = ("train", *COMMANDS)
     if argv and not argv[0].startswith("-") and argv[0] not in commands:  # training takes no positional argument
         close = difflib.get_close_matches(argv[0], commands, n=1)
