@@ -182,7 +182,7 @@ class Config:
                               "workers, mirrored when several GPUs are visible, else none", str,
                               choices=("auto", "none", "mirrored", "multi-worker"))
     precision: str = _option("auto", "auto: mixed_float16 on a GPU; mixed_bfloat16 on a CPU with native bf16 where "
-                             "a bf16 matmul, timed for half a second, runs at least 1.25x float32's speed; else float32",
+                             "a bf16 matmul, timed for 0.5 s, runs at least 1.25x float32's speed; else float32",
                              str, choices=("auto", "float32", "mixed_bfloat16", "mixed_float16"))
     tta: bool = _option(True, "test-time augmentation in the final evaluation: average the predictions for "
                         "each image, its mirror image, and both shifted one pixel diagonally each way")
