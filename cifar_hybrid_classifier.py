@@ -2354,9 +2354,8 @@ def export_files(args):
     targets = {"savedmodel": stem + ".savedmodel", "tflite": stem + ".tflite"}
     formats = list(targets) if args.format == "all" else [args.format]
     folder = os.path.dirname(os.path.abspath(stem))
-    check_writable(targets["tflite"], "--output")
-    if "savedmodel" in formats and os.path.exists(targets["savedmodel"]) and not os.path.isdir(targets["savedmodel"]):
-        raise InputError(f"--output {stem}: {targets['savedmodel']} is a file, not a SavedModel folder")
+    for name in formats:  # only the files this export writes: a folder named like an unwritten one is no error
+        check_writable(targets[name], "--output", is_folder=name == "savedmodel")
 
     if args.data is not None:
         images = load_test_set(model, args).x_test
