@@ -137,7 +137,6 @@ MODEL_SIZES = {
     "small": dict(stem_width=24, cnn_widths=(64, 128), embed_dim=96, depth=2, num_heads=4, head_units=192),
     "base": dict(stem_width=32, cnn_widths=(128, 256), embed_dim=128, depth=2, num_heads=4, head_units=256),
     "large": dict(stem_width=48, cnn_widths=(224, 448), embed_dim=192, depth=2, num_heads=6, head_units=384),
-    "xlarge": dict(stem_width=48, cnn_widths=(288, 576), embed_dim=192, depth=2, num_heads=6, head_units=384),
 }
 # With --time-budget, a budget with room for more than the default's 14 epochs of the base size buys a
 # larger size first.
@@ -188,7 +187,7 @@ class Config:
     tta: bool = _option(True, "test-time augmentation in the final evaluation: average the predictions for "
                         "each image, its mirror image, and both shifted one pixel diagonally each way")
     # Model
-    model_size: str = _option("auto", "small, base, large, xlarge (RESULTS.md, \"Model sizes\"); auto: base, or with "
+    model_size: str = _option("auto", "small, base or large (RESULTS.md, \"Model sizes\"); auto: base, or with "
                               "--time-budget the largest size this machine trains for at least "
                               f"{MIN_EPOCHS_PER_SIZE} epochs in the budget", str, choices=("auto", *MODEL_SIZES))
     stem_width: int = _option(32, "channels of the convolutional stem both branches read (32x32 image to a "
