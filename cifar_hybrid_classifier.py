@@ -7,7 +7,7 @@ Intel Xeon. Commands, machines and the rest of the figures: RESULTS.md.
 
     python cifar_hybrid_classifier.py                       # download via Keras, train, report, save
     python cifar_hybrid_classifier.py --data cifar-100-python.tar.gz --epochs 1
-    python cifar_hybrid_classifier.py predict photo.jpg         # top-5 classes with the saved model
+    python cifar_hybrid_classifier.py predict photo.jpg         # top-5 classes (before training: models/)
     python cifar_hybrid_classifier.py explain photo.jpg         # what the model looks at, as a picture
     python cifar_hybrid_classifier.py evaluate                  # test-set report of the saved model
     python cifar_hybrid_classifier.py export                    # SavedModel and TFLite files for serving
@@ -972,7 +972,6 @@ def _cpu_has_native_bf16():
         platform.machine() == "aarch64" and " bf16" in flags)
 
 
-
 # --- Trainer: a custom loop (see docs/design.md) over a tf.distribute strategy ------------------------------
 
 @keras.saving.register_keras_serializable(package="cifar_hybrid")
@@ -1047,7 +1046,6 @@ class ShiftScaledAdamW(keras.optimizers.AdamW):
     orthogonalized, with the kernel held at a fixed norm, so each step turns it by `muon_step` times the
     schedule's fraction of its peak.
     """
-
 
     def __init__(self, learning_rate, shifts=(), shift_lr_scale=1.0, kernels=(), muon_step=0.0,
                  muon_momentum=0.9, **kwargs):
@@ -1141,7 +1139,6 @@ def is_chief(strategy):
         resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in cluster)
 
 
-
 class Trainer:
     """Fits the model with AdamW (Muon for the conv kernels) + warm-up/cosine, keeps the best-validation weights."""
 
@@ -1175,7 +1172,6 @@ class Trainer:
             if config.tensorboard and self.is_chief else None
         self._predict_step = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True,
                                          autograph=False)
-
         self._prepare_training()
 
     def _prepare_training(self):
@@ -1309,8 +1305,6 @@ class Trainer:
             self.log(f"epoch {epoch + 1}/{self.epochs}  loss {record['train_loss']:.3f}  train "
                      f"{100 * record['train_accuracy']:.1f}%  val {100 * val_accuracy:.2f}%{' (best)' * improved}  "
                      f"lr {record['learning_rate']:.2e}  {record['seconds']:.0f}s")
-
-
             self.check_stop()
             if self.time_plan is not None and epoch + 1 < self.epochs:
                 self.time_plan.replan(self.epochs - epoch - 1, train_seconds, time.time() - start - train_seconds)
@@ -1648,7 +1642,6 @@ def time_training_step(config, repeats=5):
     return float(np.median(times[2:]))
 
 
-
 # --- Evaluation and the run's reports -----------------------------------------------------------------------
 
 def evaluate(probs, labels, class_names, fine_to_coarse=None, coarse_labels=None):
@@ -1718,7 +1711,6 @@ def describe_environment():
     return {"versions": {"cifar_hybrid_classifier": __version__, "python": platform.python_version(),
                          "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
                          "scikit-learn": sklearn.__version__},
-
             "hardware": {"cpu": cpu, "logical_cpus": os.cpu_count(), "gpus": gpus, "platform": platform.platform()}}
 
 
@@ -1733,7 +1725,6 @@ def write_run_reports(trainer, results, stem, started):
     test.update(top1_without_tta=results["top1_plain"], tta=config.tta, images=int(results["confusion"].sum()))
     metrics = {"test": test, "best_validation_top1": trainer.best_accuracy,
                "validation_top1_with_tta": results["validation_top1_with_tta"],
-
                "per_class": {name: per_class[name] for name in names},
                "averages": {name: per_class[name] for name in ("macro avg", "weighted avg")},
                "most_confused": results["most_confused"], "epochs_trained": len(trainer.history),
@@ -1778,6 +1769,9 @@ def save_plots(history, confusion, class_names, stem):
 
 # --- Using a saved model: load it, read image files, predict ------------------------------------------------
 
+# The default command's model, shipped so that the commands work before any training (its record: the .json).
+SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "cifar100-hybrid-base.keras")
+
 def load_model(path):
     """Load a saved model, with its `class_names` (None for models saved without them).
 
@@ -1807,7 +1801,6 @@ JPEG_MIN_DECODED_SIDE = 256
 def _png_size(raw):
     width, height = struct.unpack(">II", raw[16:24])
     return (width, height, width * height) if raw[12:16] == b"IHDR" else None
-
 
 
 def _bmp_size(raw):
@@ -2121,7 +2114,6 @@ def replace_folder(source, target):
         shutil.rmtree(previous)
 
 
-
 # --- Command line -------------------------------------------------------------------------------------------
 
 def check_writable(path, option, is_folder=False):
@@ -2145,13 +2137,6 @@ def check_output_path(path):
     if not path.endswith(".keras"):
         raise InputError(f"--output {path}: the file name must end in .keras")
     check_writable(path, "--output")
-
-
-def print_parameter_summary(model):
-    print(f"model {model.name}:")
-    for layer in model.layers[1:]:
-        print(f"  {layer.name:<14} {type(layer).__name__:<22} {layer.count_params():>10,} parameters")
-    print(f"  {'total':<37} {model.count_params():>10,} parameters")
 
 
 def set_seeds(seed):
@@ -2191,7 +2176,10 @@ def train_and_report(config, strategy):
         set_seeds(config.seed)  # the timing models drew from the generators
     trainer = Trainer(config, data, strategy=strategy, started=started)
     check_free_space(config, trainer.model.count_params())
-    print_parameter_summary(trainer.model)
+    print(f"model {trainer.model.name}:")
+    for layer in trainer.model.layers[1:]:
+        print(f"  {layer.name:<14} {type(layer).__name__:<22} {layer.count_params():>10,} parameters")
+    print(f"  {'total':<37} {trainer.model.count_params():>10,} parameters")
     print(f"precision {trainer.precision}; {len(trainer.y_train)} train / {len(trainer.y_val)} validation images; "
           f"batch {config.batch_size}")
     if trainer.replicas > 1:
@@ -2249,7 +2237,8 @@ def build_command_parser(command):
     if command in ("predict", "explain"):
         parser.add_argument("images", nargs="+", metavar="IMAGE",
                             help="PNG, JPEG, BMP or GIF files of any size and colour mode")
-    parser.add_argument("--model", default=Config.output, metavar="PATH", help="the saved .keras model")
+    parser.add_argument("--model", default=argparse.SUPPRESS, metavar="PATH", help=f"the saved .keras model (default: "
+                        f"{Config.output} if it exists, else the shipped models/{os.path.basename(SHIPPED_MODEL)})")
     if command == "predict":
         parser.add_argument("--top", type=_positive_int, default=5, metavar="K", help="classes to print per image")
     if command in ("predict", "explain"):
@@ -2274,8 +2263,22 @@ def build_command_parser(command):
         parser.add_argument("--format", default="all", choices=("savedmodel", "tflite", "all"),
                             help="what to write: a TensorFlow SavedModel folder, a TFLite file, or both")
         parser.add_argument("--output", metavar="PATH", help="path without extension for PATH.savedmodel (a "
-                            "folder) and PATH.tflite (default: the model's path without .keras)")
+                            "folder) and PATH.tflite (default: the model's path without .keras; for the shipped "
+                            "model, its name in the current folder)")
     return parser
+
+
+def model_to_use(path):
+    """--model, else the default command's output here, else the shipped model (said on stderr, not in --json)."""
+    shipped = os.path.relpath(SHIPPED_MODEL) if SHIPPED_MODEL.startswith(os.getcwd() + os.sep) else SHIPPED_MODEL
+    if path is None and not os.path.exists(Config.output) and os.path.isfile(SHIPPED_MODEL):
+        print(f"using the shipped model {shipped} (no {Config.output} here; train your own with: python {PROG})",
+              file=sys.stderr)
+        return SHIPPED_MODEL
+    if not os.path.exists(path or Config.output):
+        raise InputError(f"{path or Config.output}: no such model file; train one with: python {PROG}" +
+                         (f", or leave out --model to use the shipped {shipped}" * os.path.isfile(SHIPPED_MODEL)))
+    return path or Config.output
 
 
 def read_image_files(paths, max_megapixels=MAX_IMAGE_MEGAPIXELS):
@@ -2350,7 +2353,8 @@ EXPORT_TOLERANCE = 1e-4  # float32 round-off stays far below; more means a broke
 def export_files(args):
     """The `export` command: check every export against the Keras model, then move it into place."""
     model = load_model(args.model)
-    stem = args.output or os.path.splitext(args.model)[0]
+    model_here = os.path.basename(args.model) if args.model == SHIPPED_MODEL else args.model  # models/ is no output
+    stem = args.output or os.path.splitext(model_here)[0]
     targets = {"savedmodel": stem + ".savedmodel", "tflite": stem + ".tflite"}
     formats = list(targets) if args.format == "all" else [args.format]
     folder = os.path.dirname(os.path.abspath(stem))
@@ -2438,6 +2442,7 @@ def main(argv=None):
         if command == "train":
             run(args)
             return 0
+        args.model = model_to_use(getattr(args, "model", None))  # left out of args unless given
         return {"predict": predict_images, "explain": explain_files, "evaluate": evaluate_model,
                 "export": export_files}[command](args)
     except (InputError, TrainingDiverged, PeerLost) as exc:

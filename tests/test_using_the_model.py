@@ -245,11 +245,6 @@ def test_predict_text_output(tmp_path, model_path, capsys):
     assert all(re.fullmatch(r"\s+\d+\.\d\d%  fine_\d\d", line) for line in lines[1:])
 
 
-def test_predict_without_a_model_is_a_one_line_error(tmp_path, capsys):
-    assert chc.main(["predict", "any.png", "--model", str(tmp_path / "none.keras")]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [f"error: {tmp_path / 'none.keras'}: no such model file"]
-
-
 def test_evaluate_matches_a_direct_computation(model_path, cifar_tarball, capsys):
     assert chc.main(["evaluate", "--model", model_path, "--data", cifar_tarball]) == 0
     stdout = capsys.readouterr().out

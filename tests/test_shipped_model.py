@@ -1,0 +1,107 @@
+"""The trained model that ships in models/: it loads as it did, its provenance describes this very file, and the
+commands that use a model fall back to it."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import cifar_hybrid_classifier as chc
+from conftest import ROOT
+
+PROVENANCE = os.path.splitext(chc.SHIPPED_MODEL)[0] + ".json"
+STORED_PROBS = os.path.join(ROOT, "tests", "data", "shipped_model_probs.npy")
+
+
+def fixed_images():
+    """Eight images that never change: four of noise and four smooth colour fields."""
+    noise = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3))
+    y, x = np.mgrid[0:32, 0:32]
+    fields = [np.stack([x * 8, y * 8, np.full_like(x, c)], -1) for c in (0, 80, 160, 240)]
+    return np.concatenate([noise, np.stack(fields)]).astype(np.uint8)
+
+
+FRESH_PROCESS_PREDICT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import keras
+    import cifar_hybrid_classifier  # registers the layers
+    model = keras.models.load_model(sys.argv[1], safe_mode=True)
+    np.save(sys.argv[3], keras.ops.convert_to_numpy(model.predict(np.load(sys.argv[2]), verbose=0)))
+""")
+
+
+def test_the_shipped_model_loads_in_a_fresh_process_and_predicts_as_it_did(tmp_path):
+    """Its probabilities on fixed images were stored when it was trained: a change to a layer that breaks the
+    saved model, or a replaced file, fails here."""
+    np.save(tmp_path / "images.npy", fixed_images())
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS_PREDICT, chc.SHIPPED_MODEL,
+                             str(tmp_path / "images.npy"), str(tmp_path / "probs.npy")],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    probs, stored = np.load(tmp_path / "probs.npy"), np.load(STORED_PROBS)
+    np.testing.assert_array_equal(probs.argmax(-1), stored.argmax(-1))
+    np.testing.assert_allclose(probs, stored, atol=1e-4)
+
+
+def test_the_provenance_describes_the_shipped_file():
+    with open(PROVENANCE) as f:
+        provenance = json.load(f)
+    with open(chc.SHIPPED_MODEL, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == provenance["sha256"]
+    assert os.path.getsize(chc.SHIPPED_MODEL) < 8e6
+    model = chc.load_model(chc.SHIPPED_MODEL)
+    assert model.count_params() == provenance["parameters"]
+    assert model.class_names[:3] == ["apple", "aquarium_fish", "baby"]  # CIFAR-100's own classes
+    for key in ("command", "seed", "machine", "commit", "wall_time_minutes", "validation_top1", "test_top1"):
+        assert key in provenance, key
+
+
+def one_image(folder):
+    path = os.path.join(folder, "photo.jpg")
+    with open(path, "wb") as f:
+        f.write(tf.io.encode_jpeg(fixed_images()[4]).numpy())
+    return path
+
+
+def test_predict_explain_and_export_fall_back_to_the_shipped_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no cifar_hybrid.keras here
+    image = one_image(str(tmp_path))
+    assert chc.main(["predict", image, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("using the shipped model") == 1 and "python cifar_hybrid_classifier.py" in captured.err
+    predictions = json.loads(captured.out)[0]["predictions"]  # stdout stays pure JSON
+    expected = chc.load_model(chc.SHIPPED_MODEL).predict(fixed_images()[4:5].astype(np.float32), verbose=0)[0]
+    assert predictions[0]["index"] == int(expected.argmax())  # the JPEG round trip may move the figures a little
+    assert chc.main(["explain", image, "--output-dir", "pictures"]) == 0
+    assert os.path.isfile(tmp_path / "pictures" / "photo.explain.png")
+    assert chc.main(["export", "--format", "savedmodel"]) == 0
+    assert os.path.isdir(tmp_path / "cifar100-hybrid-base.savedmodel")  # here, not in the checkout's models/
+    assert not [name for name in os.listdir(os.path.dirname(chc.SHIPPED_MODEL)) if name.endswith(".savedmodel")]
+
+
+def test_a_model_trained_here_comes_before_the_shipped_one(tmp_path, monkeypatch, capsys, model_path):
+    shutil.copy(model_path, tmp_path / "cifar_hybrid.keras")  # trained on the synthetic classes fine_00..
+    monkeypatch.chdir(tmp_path)
+    assert chc.main(["predict", one_image(str(tmp_path)), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "shipped" not in captured.err
+    assert json.loads(captured.out)[0]["predictions"][0]["class"].startswith("fine_")
+
+
+@pytest.mark.parametrize("command", [["predict", "x.png"], ["evaluate"], ["export"]])
+def test_a_missing_model_names_the_shipped_one_and_the_training_command(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the shipped model lies outside it: named by its whole path
+    missing = str(tmp_path / "none.keras")
+    assert chc.main([*command, "--model", missing]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {missing}: no such model file; train one with: python cifar_hybrid_classifier.py, or leave out "
+        f"--model to use the shipped {chc.SHIPPED_MODEL}"]
