@@ -99,6 +99,8 @@ DATASETS = {
                 "mean": (125.31, 122.95, 113.87), "std": (62.99, 62.09, 66.71),
                 "sha256": "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"},
 }
+# The default command's model, shipped so that the commands work before any training (its record: the .json).
+SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "cifar100-hybrid-base.keras")
 
 
 # --- Configuration: every hyperparameter, its default, and its command-line check ---------------------------
@@ -1768,9 +1770,6 @@ def save_plots(history, confusion, class_names, stem):
 
 
 # --- Using a saved model: load it, read image files, predict ------------------------------------------------
-
-# The default command's model, shipped so that the commands work before any training (its record: the .json).
-SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "cifar100-hybrid-base.keras")
 
 def load_model(path):
     """Load a saved model, with its `class_names` (None for models saved without them).
