@@ -149,7 +149,7 @@ def test_time_budget_plans_whole_epochs_and_restores_the_initial_weights(cifar_f
     trainer = chc.Trainer(config, chc.load_cifar(cifar_folder), log=lambda *_: None)
     initial = trainer.model.get_weights()
     full = trainer.train_pipeline.steps_per_epoch()
-    trainer.plan_time_budget(seconds=30, test_images=200)  # room for a slow first trace on a busy machine
+    trainer.plan_time_budget(seconds=15, test_images=200)  # room for a slow first trace on a busy machine
     assert trainer.epochs >= 1 and 1 <= trainer.steps_per_epoch <= full
     assert trainer.total_steps == trainer.epochs * trainer.steps_per_epoch
     for before, after in zip(initial, trainer.model.get_weights()):
