@@ -224,3 +224,32 @@ def run_two_workers(tmp_path, args, name, act=None):
                 [sys.executable, os.path.join(ROOT, "cifar_hybrid_classifier.py"), *args, "--distribute",
                  "multi-worker"], cwd=tmp_path / f"worker{index}", env=env, stdout=log, stderr=subprocess.STDOUT))
     return watch(procs, logs, act and (lambda texts: act(texts, procs)))
+
+
+# The coordination service misses a peer's heartbeats within about ten seconds (README, "Training on
+# several GPUs or machines"); a run that waits longer for a lost peer has lost that promise.
+LOST_PEER_SECONDS = 60
+
+
+def signal_worker_after(text, worker, signum):
+    """An `act` for `run_two_workers`: send `signum` to `worker` once the chief's log shows `text` (it
+    logs an epoch after backing it up), and kill it once the other has exited. Returns the act and a
+    dict that gets the time the signal went."""
+    sent = {}
+
+    def act(texts, procs):
+        other = procs[1 - worker]
+        if "at" not in sent and text in texts[0]:
+            procs[worker].send_signal(signum)
+            sent["at"] = time.time()
+        if "at" in sent and other.poll() is not None and procs[worker].poll() is None:
+            procs[worker].kill()  # a frozen worker waits for ever: end it once the other noticed
+    return act, sent
+
+
+def assert_a_lost_peer_ended_the_run(log, seconds):
+    """The survivor of a lost peer ended within the bound, in one line naming the cause, no traceback."""
+    assert seconds < LOST_PEER_SECONDS, log[-3000:]
+    assert "Traceback" not in log
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "lost a peer worker" in errors[0] and "rerun every worker" in errors[0], errors
