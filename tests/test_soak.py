@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason=
 # Batch 8 per replica: 600 training images make 37 steps per epoch of a global batch of 16 on two
 # workers, and 75 of 8 in one process: over a hundred steps before the two-worker run's end, 300 in one.
 SOAK_ARGS = [*TINY_ARGS, "--epochs", "4", "--batch-size", "8"]
-THREAD_MARGIN = 16  # TensorFlow starts and ends pool threads on demand; a leak of one per step adds hundreds
+THREAD_MARGIN = 16  # TensorFlow starts and ends pool threads on demand; a leak of one per step adds dozens
 
 
 @pytest.fixture(scope="module")
