@@ -221,6 +221,8 @@ class Config:
 
     crop_padding: int = _option(4, "pixels of padding before the random 32x32 crop (0 disables)", int)
     flip: bool = _option(True, "random horizontal flips")
+    cutmix: float = _option(0.0, "probability that a training image gets a box cut from another image of its "
+                            "batch, its label mixed by the box's area (CutMix, Yun et al. 2019)", _rate)
     whiten_stem: bool = _option(True, "start the stem's first convolution as a whitening of the training "
                                 "images' patches and keep it fixed (docs/design.md)")
     identity_init: bool = _option(True, "start every later conv3x3 of the stem and the CNN branch as a partial "
@@ -490,13 +492,14 @@ class AugmentationPipeline:
     map costs tf.data more CPU time than the crops. Every random choice is a stateless op keyed on
     (seed, epoch, batch), so an epoch's batches are the same however many threads map them."""
 
-    def __init__(self, images, labels, batch_size, seed=0, crop_padding=4, flip=True):
+    def __init__(self, images, labels, batch_size, seed=0, crop_padding=4, flip=True, cutmix=0.0, classes=100):
         self.images = tf.constant(images)   # one tensor, gathered by index: no per-epoch copy
         self.labels = tf.constant(labels, dtype=tf.int32)
         self.batch_size = batch_size
         self.seed = seed
         self.crop_padding = crop_padding
         self.flip = flip
+        self.cutmix, self.classes = cutmix, classes
 
     def __len__(self):
         return int(self.labels.shape[0])
@@ -521,7 +524,24 @@ class AugmentationPipeline:
         if self.flip:
             flips = tf.random.stateless_uniform((n, 1, 1, 1), seeds[1]) < 0.5
             images = tf.where(flips, tf.reverse(images, axis=[2]), images)
+        if self.cutmix:
+            return self._cutmix(images, tf.gather(self.labels, index), seeds[2])
         return images, tf.gather(self.labels, index)
+
+    def _cutmix(self, images, labels, seed):
+        """CutMix: a box of the next image in the (shuffled) batch, of area fraction ~ U(0, 1) before clipping
+        at the border, pasted at a uniform centre; the label becomes the two one-hot labels mixed by area."""
+        n, size = tf.shape(images)[0], IMAGE_SHAPE[0]
+        draws = tf.random.stateless_uniform((4, n), seed)
+        half = size * tf.sqrt(draws[0]) * tf.cast(draws[1] < self.cutmix, tf.float32) / 2
+        pixel = tf.range(size, dtype=tf.float32)[None, :] + 0.5
+        rows = tf.abs(pixel - size * draws[2][:, None]) < half[:, None]
+        columns = tf.abs(pixel - size * draws[3][:, None]) < half[:, None]
+        box = tf.logical_and(rows[:, :, None], columns[:, None, :])
+        images = tf.where(box[..., None], tf.roll(images, 1, axis=0), images)
+        area = tf.reduce_mean(tf.cast(box, tf.float32), axis=[1, 2])[:, None]
+        one_hot = tf.one_hot(labels, self.classes)
+        return images, (1 - area) * one_hot + area * tf.roll(one_hot, 1, axis=0)
 
     def train_dataset(self, epoch):
         """Shuffled, augmented, full batches (static shapes) for one epoch."""
@@ -1156,7 +1176,8 @@ class Trainer:
         self.precision = resolve_precision(config.precision)
         self._split()
         self.train_pipeline = AugmentationPipeline(self.x_train, self.y_train, self.global_batch, config.seed,
-                                                   config.crop_padding, config.flip)
+                                                   config.crop_padding, config.flip, config.cutmix,
+                                                   DATASETS[config.dataset]["classes"])
         self.val_pipeline = AugmentationPipeline(self.x_val, self.y_val, config.batch_size)
         self.steps_per_epoch = self.train_pipeline.steps_per_epoch()
         if self.steps_per_epoch < 1:
@@ -1235,14 +1256,15 @@ class Trainer:
         def step(x, y):
             with tf.GradientTape() as tape:
                 probs = self.model(x, training=True)
-                per_example = self.loss_fn(tf.one_hot(y, classes), probs)
+                targets = tf.one_hot(y, classes) if y.dtype.is_integer else y  # soft with CutMix
+                per_example = self.loss_fn(targets, probs)
                 loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
                 if self.model.losses:
                     loss += tf.nn.scale_regularization_loss(tf.add_n(self.model.losses))
                 scaled = self.optimizer.scale_loss(loss)
             variables = self.model.trainable_variables
             self.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
-            correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32))
+            correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probs, -1), tf.argmax(targets, -1)), tf.float32))
             return loss, correct
 
         loss, correct = self.strategy.run(step, args=(images, labels))

@@ -75,3 +75,20 @@ def test_pipelines_run_without_the_autotuning_thread_whose_end_stalls_each_epoch
     pipeline = chc.AugmentationPipeline(IMAGES, LABELS, batch_size=32, seed=1)
     for dataset in (pipeline.train_dataset(epoch=0), pipeline.eval_dataset()):
         assert dataset.options().autotune.enabled is False
+
+
+def test_cutmix_pastes_a_box_of_the_next_image_and_mixes_the_labels_by_its_area():
+    plain = chc.AugmentationPipeline(IMAGES, LABELS, 20, seed=7)
+    mixed = chc.AugmentationPipeline(IMAGES, LABELS, 20, seed=7, cutmix=0.5)
+    boxes = 0
+    for (x0, y0), (x1, y1) in zip(plain.train_dataset(0), mixed.train_dataset(0)):
+        x0, y0, x1, y1 = x0.numpy(), y0.numpy(), x1.numpy(), y1.numpy()
+        changed = np.any(x1 != x0, axis=-1)  # random images: a pasted pixel differs from the one beneath
+        np.testing.assert_array_equal(x1[changed], np.roll(x0, 1, axis=0)[changed])
+        rows, columns = changed.any(axis=2), changed.any(axis=1)
+        np.testing.assert_array_equal(changed, rows[:, :, None] & columns[:, None, :])  # one rectangle each
+        area = changed.mean(axis=(1, 2))[:, None]
+        one_hot = np.eye(100)[y0]
+        np.testing.assert_allclose(y1, (1 - area) * one_hot + area * np.roll(one_hot, 1, axis=0), atol=1e-6)
+        boxes += int(changed.any(axis=(1, 2)).sum())
+    assert 20 <= boxes <= 80  # about half of the 100 images
