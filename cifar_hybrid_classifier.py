@@ -143,6 +143,10 @@ MODEL_SIZES = {
 # With --time-budget, a budget with room for more than the default's 14 epochs of the base size buys a
 # larger size first.
 MIN_EPOCHS_PER_SIZE = 14
+# Given far more epochs, the large size learns its training images by heart; CutMix on half of them keeps
+# it learning where the base size, which does not, only lost (RESULTS.md, "Ablations").
+CUTMIX_FROM_EPOCHS = 24
+LONG_SCHEDULE_CUTMIX = 0.5
 
 
 # The option groups of --help, each named at its first field in Config.
@@ -222,7 +226,9 @@ class Config:
     crop_padding: int = _option(4, "pixels of padding before the random 32x32 crop (0 disables)", int)
     flip: bool = _option(True, "random horizontal flips")
     cutmix: float = _option(0.0, "probability that a training image gets a box cut from another image of its "
-                            "batch, its label mixed by the box's area (CutMix, Yun et al. 2019)", _rate)
+                            "batch, its label mixed by the box's area (CutMix, Yun et al. 2019); where "
+                            "--time-budget gives the large size room for at least "
+                            f"{CUTMIX_FROM_EPOCHS} epochs, {LONG_SCHEDULE_CUTMIX} unless given", _rate)
     whiten_stem: bool = _option(True, "start the stem's first convolution as a whitening of the training "
                                 "images' patches and keep it fixed (docs/design.md)")
     identity_init: bool = _option(True, "start every later conv3x3 of the stem and the CNN branch as a partial "
@@ -282,7 +288,7 @@ def parse_config(argv=None):
     parser = build_arg_parser()
     args = vars(parser.parse_args(argv))
     config = Config(**args)
-    config.explicit = {name for name in args if name in MODEL_SIZES["base"]}
+    config.explicit = {name for name in args if name in (*MODEL_SIZES["base"], "cutmix")}  # a plan fills the rest
     sizes = [config.model_size] if config.model_size != "auto" else list(MODEL_SIZES) if config.time_budget \
         else ["base"]  # with --time-budget, run() times the sizes and picks one
     errors = {size: architecture_error(apply_model_size(dataclasses.replace(config), size, config.explicit))
@@ -1367,7 +1373,7 @@ class TrainingBackup:
     RESUME_IGNORES = ("data", "output", "checkpoint_dir", "fresh", "tta", "tensorboard")  # may change on resume
     # Options older backups lack, as those runs trained; options since removed, as this code trains. A
     # backup resumes only where both sides agree, so a run that used a removed option is refused.
-    ADDED_OPTIONS = {"shift_lr_scale": 1.0, "muon_step": 0.0}
+    ADDED_OPTIONS = {"shift_lr_scale": 1.0, "muon_step": 0.0, "cutmix": 0.0}
     REMOVED_OPTIONS = {"cutout": 0, "color_jitter": False, "muon_rms": 0.0, "stem": "pool"}
 
     @classmethod
@@ -1619,30 +1625,38 @@ def check_free_space(config, parameters):
 
 def choose_model_size(config, seconds, train_images):
     """--time-budget with --model-size auto: the largest size that trains `MIN_EPOCHS_PER_SIZE` epochs, from a
-    few timed steps of each size, smallest first (at most about 5 % of the budget); a resumed run keeps its size."""
+    few timed steps of each size, smallest first (at most about 5 % of the budget), and CutMix for the large
+    size where it has room for `CUTMIX_FROM_EPOCHS`; a resumed run keeps its size and CutMix."""
 
     path = None if config.fresh else tf.train.latest_checkpoint(config.checkpoint_dir)
+    explicit = getattr(config, "explicit", set())
     try:
-        saved = path and json.loads(tf.train.load_variable(path, "config/.ATTRIBUTES/VARIABLE_VALUE"))["model_size"]
+        saved = json.loads(tf.train.load_variable(path, "config/.ATTRIBUTES/VARIABLE_VALUE")) if path else {}
     except Exception:  # a damaged backup: resuming reports it
-        saved = None
-    if saved in MODEL_SIZES:
-        return apply_model_size(config, saved)
+        saved = {}
+    if saved.get("model_size") in MODEL_SIZES:
+        if "cutmix" not in explicit:
+            config.cutmix = saved.get("cutmix", 0.0)
+        return apply_model_size(config, saved["model_size"])
     sizes = getattr(config, "sizes", list(MODEL_SIZES))  # parse_config leaves out sizes the options rule out
-    chosen, steps, started = sizes[0], train_images // config.batch_size, time.time()
+    chosen, room, steps, started = sizes[0], 0.0, train_images // config.batch_size, time.time()
     for size in sizes:
         if time.time() - started > 0.05 * seconds:  # timing (mostly compiling) may take 5 % of the budget
             break
-        candidate = apply_model_size(dataclasses.replace(config), size, getattr(config, "explicit", set()))
+        candidate = apply_model_size(dataclasses.replace(config), size, explicit)
         step_seconds = time_training_step(candidate)
         # About 10 % of the budget goes to validation, the test pass and compiling.
         epochs = 0.9 * seconds / (steps * step_seconds)
         print(f"model size {size}: {step_seconds:.3f}s per step, room for about {epochs:.1f} epochs")
         if epochs < MIN_EPOCHS_PER_SIZE and size != sizes[0]:
             break
-        chosen = size
+        chosen, room = size, epochs
     print(f"--time-budget: model size {chosen}, the largest with room for {MIN_EPOCHS_PER_SIZE} epochs "
           "(or the smallest)")
+    if chosen == "large" and room >= CUTMIX_FROM_EPOCHS and "cutmix" not in explicit:
+        config.cutmix = LONG_SCHEDULE_CUTMIX
+        print(f"--time-budget: CutMix for {LONG_SCHEDULE_CUTMIX:.0%} of the training images, as the large size "
+              f"has room for {CUTMIX_FROM_EPOCHS} epochs or more")
     return apply_model_size(config, chosen)
 
 

@@ -280,6 +280,30 @@ def test_time_budget_picks_the_largest_size_with_room_for_enough_epochs(monkeypa
     assert (config.model_size, config.embed_dim, config.depth) == ("base", 64, 2)
 
 
+def test_time_budget_adds_cutmix_where_the_large_size_trains_long_and_a_resumed_run_keeps_it(monkeypatch, tmp_path):
+    import tensorflow as tf
+    paces = {"small": 0.05, "base": 0.1, "large": 0.3}  # seconds per step, as on a fast CPU
+    monkeypatch.setattr(chc, "time_training_step", lambda config: paces[config.model_size])
+    backup = str(tmp_path / "run.backup")
+
+    def chosen(minutes, *options):
+        config = chc.parse_config(["--time-budget", str(minutes), "--checkpoint-dir", backup, *options])
+        chc.choose_model_size(config, minutes * 60, 45000)
+        return config.model_size, config.cutmix
+
+    assert chosen(30) == ("large", 0.0)  # room for 15 epochs of the large size
+    assert chosen(60) == ("large", chc.LONG_SCHEDULE_CUTMIX)  # room for 30
+    assert chosen(60, "--cutmix", "0") == ("large", 0.0)  # the command line wins
+    assert chosen(60, "--cutmix", "0.25") == ("large", 0.25)
+    # A resumed run keeps the size and CutMix its backup trained with, whatever the timing says now.
+    for cutmix in ("0.5", "0"):
+        config = chc.parse_config(["--model-size", "large", "--cutmix", cutmix, "--checkpoint-dir", backup])
+        state = tf.train.Checkpoint(config=tf.Variable(chc.TrainingBackup.fingerprint(config)))
+        tf.train.CheckpointManager(state, backup, max_to_keep=1).save()
+        paces["large"] = 0.2
+        assert chosen(60) == ("large", float(cutmix))
+
+
 def test_a_named_size_sets_only_the_architecture_options_left_open():
     config = chc.parse_config(["--model-size", "large", "--depth", "1"])
     assert (config.model_size, config.depth, config.stem_width) == ("large", 1, 48)
@@ -297,7 +321,8 @@ def test_cifar10_trains_end_to_end_and_evaluates(tmp_path, capsys):
     from conftest import CIFAR10_NAMES, write_cifar10, write_tarball
     archive = write_tarball(str(tmp_path / "cifar-10-python.tar.gz"), write_cifar10(str(tmp_path / "extracted")))
     output = str(tmp_path / "c10.keras")
-    assert chc.main(["--dataset", "cifar10", "--data", archive, "--output", output, *TINY_ARGS]) == 0
+    # With CutMix, whose mixed labels must have CIFAR-10's 10 classes.
+    assert chc.main(["--dataset", "cifar10", "--data", archive, "--output", output, *TINY_ARGS, "--cutmix", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "CIFAR-10: 200 training and 30 test images" in out and "test top-1" in out
     assert "superclass" not in out and CIFAR10_NAMES[9] in out
