@@ -143,8 +143,8 @@ MODEL_SIZES = {
 # With --time-budget, a budget with room for more than the default's 14 epochs of the base size buys a
 # larger size first.
 MIN_EPOCHS_PER_SIZE = 14
-# Given far more epochs, the large size learns its training images by heart; CutMix on half of them keeps
-# it learning where the base size, which does not, only lost (RESULTS.md, "Ablations").
+# Given far more epochs, the large size learns its training images by heart and CutMix on half of them
+# regularizes it; the base size, which does not overfit so, only lost with CutMix (RESULTS.md, "Ablations").
 CUTMIX_FROM_EPOCHS = 24
 LONG_SCHEDULE_CUTMIX = 0.5
 
