@@ -1291,7 +1291,9 @@ class Trainer:
     def fit(self):
         """Train from `start_epoch`/`start_step` (non-zero after `resume`), backing up after every epoch."""
         c = self.config
-        for epoch in range(self.start_epoch, self.epochs):
+        epoch = self.start_epoch - 1
+        while epoch + 1 < self.epochs:  # a time plan may add epochs on the way
+            epoch += 1
             start, done = time.time(), self.start_step
             loss_sum, correct, seen = self.partial if done else (0.0, 0.0, 0.0)
             self.start_step = 0
@@ -1508,7 +1510,9 @@ class TimePlan:
     def replan(self, remaining_epochs, train_seconds, val_seconds):
         """Fit the remaining epochs to the pace of every step so far (a shared machine's speed jumps between
         epochs; following each jump would resize them back and forth); the last epoch takes the slowest
-        recent pace, so the run ends in time. The schedule's horizon follows."""
+        recent pace, so the run ends in time. Where the time left holds one more full epoch, the run takes
+        it: epochs run full at most, so a pace faster than planned would otherwise end the run early. The
+        schedule's horizon follows."""
         t = self.trainer
         self.epoch_paces.append(train_seconds / t.steps_per_epoch)
         self.epoch_steps.append(t.steps_per_epoch)
@@ -1516,9 +1520,13 @@ class TimePlan:
         if remaining_epochs == 1:
             step_seconds = max(step_seconds, *self.epoch_paces[-3:])
         left = self.deadline - time.time() - self.reserve_seconds
+        full = t.train_pipeline.steps_per_epoch()
+        added = remaining_epochs > 1 and left >= (remaining_epochs + 1) * (full * step_seconds + val_seconds)
+        if added:
+            remaining_epochs, t.epochs = remaining_epochs + 1, t.epochs + 1
         steps = int((left / remaining_epochs - val_seconds) / step_seconds)
-        steps = max(1, min(t.train_pipeline.steps_per_epoch(), steps))
-        if steps != t.steps_per_epoch:
+        steps = max(1, min(full, steps))
+        if steps != t.steps_per_epoch or added:
             t.steps_per_epoch = steps
             t.total_steps = t.global_step() + remaining_epochs * steps
             t.schedule.retarget(t.global_step(), t.total_steps)

@@ -242,6 +242,32 @@ def test_replan_on_a_jumpy_pace_keeps_the_rate_falling_and_ends_in_time(cifar_fo
     assert len(set(steps)) > 1 and max(steps[2:]) < 1.5 * min(steps[2:]), steps  # re-planned, without swings
 
 
+def test_replan_adds_an_epoch_where_the_pace_leaves_one_unused(cifar_folder, monkeypatch):
+    """The first timing came out a quarter slow, so the plan's epochs run full and a whole epoch's time
+    would be left over: the planner takes one more, and the run still ends in time with the rate at zero."""
+    config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS])
+    trainer = chc.Trainer(config, chc.load_cifar(cifar_folder), log=lambda *_: None)
+    monkeypatch.setattr(trainer.train_pipeline, "steps_per_epoch", lambda: 200)
+    planned_epochs, pace, val_seconds, clock = 8, 0.1, 2.0, [1000.0]
+    trainer.epochs, trainer.steps_per_epoch = planned_epochs, 200
+    trainer._prepare_training()
+    budget = planned_epochs * (200 * 1.25 * pace + val_seconds) / 0.95
+    plan = chc.TimePlan(trainer, deadline=clock[0] + 0.97 * budget)
+    epoch = 0
+    with monkeypatch.context() as m:
+        m.setattr(chc.time, "time", lambda: clock[0])
+        while epoch < trainer.epochs:  # as `Trainer.fit` loops
+            first, n = trainer.global_step(), trainer.steps_per_epoch
+            trainer.optimizer.iterations.assign(first + n)
+            clock[0] += n * pace + val_seconds
+            epoch += 1
+            if epoch < trainer.epochs:
+                plan.replan(trainer.epochs - epoch, n * pace, val_seconds)
+    assert trainer.epochs > planned_epochs
+    assert trainer.total_steps == trainer.global_step() and float(trainer.schedule(trainer.total_steps)) < 1e-9
+    assert clock[0] - 1000.0 <= 0.97 * budget, "the run overran its budget"
+
+
 def test_replan_shrinks_remaining_epochs_when_behind(cifar_folder):
     config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS, "--epochs", "3"])
     trainer = chc.Trainer(config, chc.load_cifar(cifar_folder), log=lambda *_: None)
