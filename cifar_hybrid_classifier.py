@@ -229,9 +229,6 @@ class Config:
                             "batch, its label mixed by the box's area (CutMix, Yun et al. 2019); where "
                             "--time-budget gives the large size room for at least "
                             f"{CUTMIX_FROM_EPOCHS} epochs, {LONG_SCHEDULE_CUTMIX} unless given", _rate)
-    cutmix_until: float = _option(0.85, "fraction of the training steps after which CutMix stops: the epochs "
-                                  "that start later see whole images, so the low-rate end of the schedule fits "
-                                  "the images the model will be asked about (1: CutMix to the end)", _rate)
     whiten_stem: bool = _option(True, "start the stem's first convolution as a whitening of the training "
                                 "images' patches and keep it fixed (docs/design.md)")
     identity_init: bool = _option(True, "start every later conv3x3 of the stem and the CNN branch as a partial "
@@ -516,7 +513,7 @@ class AugmentationPipeline:
     def steps_per_epoch(self):
         return len(self) // self.batch_size
 
-    def _augment(self, index, batch_seed, cutmix):
+    def _augment(self, index, batch_seed):
         images = tf.gather(self.images, index)
         n = tf.shape(index)[0]
         # Four streams, of which crops and flips use two: the split keeps the draws of earlier runs.
@@ -533,16 +530,16 @@ class AugmentationPipeline:
         if self.flip:
             flips = tf.random.stateless_uniform((n, 1, 1, 1), seeds[1]) < 0.5
             images = tf.where(flips, tf.reverse(images, axis=[2]), images)
-        if self.cutmix:  # labels stay soft at probability 0, so the training step keeps its one trace
-            return self._cutmix(images, tf.gather(self.labels, index), seeds[2], cutmix)
+        if self.cutmix:
+            return self._cutmix(images, tf.gather(self.labels, index), seeds[2])
         return images, tf.gather(self.labels, index)
 
-    def _cutmix(self, images, labels, seed, probability):
+    def _cutmix(self, images, labels, seed):
         """CutMix: a box of the next image in the (shuffled) batch, of area fraction ~ U(0, 1) before clipping
         at the border, pasted at a uniform centre; the label becomes the two one-hot labels mixed by area."""
         n, size = tf.shape(images)[0], IMAGE_SHAPE[0]
         draws = tf.random.stateless_uniform((4, n), seed)
-        half = size * tf.sqrt(draws[0]) * tf.cast(draws[1] < probability, tf.float32) / 2
+        half = size * tf.sqrt(draws[0]) * tf.cast(draws[1] < self.cutmix, tf.float32) / 2
         pixel = tf.range(size, dtype=tf.float32)[None, :] + 0.5
         rows = tf.abs(pixel - size * draws[2][:, None]) < half[:, None]
         columns = tf.abs(pixel - size * draws[3][:, None]) < half[:, None]
@@ -552,10 +549,8 @@ class AugmentationPipeline:
         one_hot = tf.one_hot(labels, self.classes)
         return images, (1 - area) * one_hot + area * tf.roll(one_hot, 1, axis=0)
 
-    def train_dataset(self, epoch, cutmix=None):
-        """Shuffled, augmented, full batches (static shapes) for one epoch; `cutmix` overrides the
-        pipeline's CutMix probability for it."""
-        cutmix = self.cutmix if cutmix is None else cutmix
+    def train_dataset(self, epoch):
+        """Shuffled, augmented, full batches (static shapes) for one epoch."""
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self))
         steps = self.steps_per_epoch()
         epoch_seed = tf.constant([self.seed * 100_003 + epoch, 0], tf.int64)
@@ -563,7 +558,7 @@ class AugmentationPipeline:
                                                  tf.range(steps, dtype=tf.int64)))
         # Its control flow is Python's: autograph would only spend a second of every start converting it.
         augment = tf.autograph.experimental.do_not_convert(
-            lambda index, step: self._augment(index, epoch_seed + tf.stack([0, step]), cutmix))
+            lambda index, step: self._augment(index, epoch_seed + tf.stack([0, step])))
         ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
         return without_autotuning(ds.prefetch(tf.data.AUTOTUNE))
 
@@ -1296,19 +1291,13 @@ class Trainer:
     def fit(self):
         """Train from `start_epoch`/`start_step` (non-zero after `resume`), backing up after every epoch."""
         c = self.config
-        epoch = last_mixed = self.start_epoch - 1
+        epoch = self.start_epoch - 1
         while epoch + 1 < self.epochs:  # a time plan may add epochs on the way
             epoch += 1
             start, done = time.time(), self.start_step
             loss_sum, correct, seen = self.partial if done else (0.0, 0.0, 0.0)
             self.start_step = 0
-            # From the first epoch that starts in the last (1 - cutmix_until) of the schedule on, whole images.
-            mixing = last_mixed == epoch - 1 and self.global_step() - done < c.cutmix_until * self.total_steps
-            if c.cutmix and not mixing and last_mixed == epoch - 1:
-                self.log(f"epoch {epoch + 1} on: whole images, CutMix stops (--cutmix-until {c.cutmix_until})")
-            last_mixed = epoch if mixing else last_mixed
-            dataset = self.train_pipeline.train_dataset(epoch, None if mixing else 0.0)
-            dataset = dataset.take(self.steps_per_epoch).skip(done)
+            dataset = self.train_pipeline.train_dataset(epoch).take(self.steps_per_epoch).skip(done)
             options = tf.data.Options()  # several workers: each takes its share of every global batch
             options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
             dataset = self.strategy.experimental_distribute_dataset(dataset.with_options(options))
@@ -1386,7 +1375,7 @@ class TrainingBackup:
     RESUME_IGNORES = ("data", "output", "checkpoint_dir", "fresh", "tta", "tensorboard")  # may change on resume
     # Options older backups lack, as those runs trained; options since removed, as this code trains. A
     # backup resumes only where both sides agree, so a run that used a removed option is refused.
-    ADDED_OPTIONS = {"shift_lr_scale": 1.0, "muon_step": 0.0, "cutmix": 0.0, "cutmix_until": 1.0}
+    ADDED_OPTIONS = {"shift_lr_scale": 1.0, "muon_step": 0.0, "cutmix": 0.0}
     REMOVED_OPTIONS = {"cutout": 0, "color_jitter": False, "muon_rms": 0.0, "stem": "pool"}
 
     @classmethod
