@@ -144,13 +144,47 @@ def test_mixed_precision_model_exports_in_float32(cifar_folder):
                                atol=0.02)
 
 
-def test_time_budget_plans_whole_epochs_and_restores_the_initial_weights(cifar_folder):
+class VirtualClock:
+    """The trainer's `time` module in a test: the clock moves only when the trainer trains a step or runs a
+    validation pass, each at a fixed cost, so a time plan comes out the same on a busy machine."""
+
+    def __init__(self, step_seconds, pass_seconds):
+        self.now, self.step_seconds, self.pass_seconds = 1000.0, step_seconds, pass_seconds
+
+    def time(self):
+        return self.now
+
+    perf_counter = time
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(chc, "time", self)
+        prepare, predict = chc.Trainer._prepare_training, chc.Trainer.predict
+
+        def prepare_with_costly_steps(trainer):
+            prepare(trainer)
+            step = trainer._train_step
+
+            def costly_step(*args):
+                self.now += self.step_seconds
+                return step(*args)
+            trainer._train_step = costly_step
+
+        def costly_predict(trainer, pipeline):
+            self.now += self.pass_seconds
+            return predict(trainer, pipeline)
+        monkeypatch.setattr(chc.Trainer, "_prepare_training", prepare_with_costly_steps)
+        monkeypatch.setattr(chc.Trainer, "predict", costly_predict)
+
+
+def test_time_budget_plans_whole_epochs_and_restores_the_initial_weights(cifar_folder, monkeypatch):
+    VirtualClock(step_seconds=1.0, pass_seconds=2.0).install(monkeypatch)
     config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS])
     trainer = chc.Trainer(config, chc.load_cifar(cifar_folder), log=lambda *_: None)
     initial = trainer.model.get_weights()
     full = trainer.train_pipeline.steps_per_epoch()
-    trainer.plan_time_budget(seconds=15, test_images=200)  # room for a slow first trace on a busy machine
-    assert trainer.epochs >= 1 and 1 <= trainer.steps_per_epoch <= full
+    budget = 2.5 * full + 60  # less than the full epochs it would take once planning and the test pass are paid
+    trainer.plan_time_budget(seconds=budget, test_images=200)
+    assert trainer.epochs >= 2 and 1 <= trainer.steps_per_epoch < full  # whole epochs, shortened to fit
     assert trainer.total_steps == trainer.epochs * trainer.steps_per_epoch
     for before, after in zip(initial, trainer.model.get_weights()):
         np.testing.assert_array_equal(before, after)  # the timing steps left no trace
@@ -158,6 +192,7 @@ def test_time_budget_plans_whole_epochs_and_restores_the_initial_weights(cifar_f
     history = trainer.fit()
     assert len(history) == trainer.epochs
     assert trainer.global_step() == trainer.total_steps
+    assert history[-1]["elapsed"] <= budget  # within the budget on the virtual clock
     assert history[-1]["learning_rate"] < 1e-6  # the cosine decay ran to its end
 
 
