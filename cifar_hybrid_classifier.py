@@ -207,7 +207,8 @@ class Config:
     num_heads: int = _option(4, "attention heads; must divide --embed-dim", _positive_int)
     head_units: int = _option(256, "width of the fusion head's hidden layer", _positive_int)
     branches: str = _option("both", "which branches feed the fusion head; cnn alone trains faster and beat "
-                            "the hybrid in the default's time (RESULTS.md, \"Branch ablation\")", str,
+                            "the hybrid at equal time, in the default's 14 epochs and in an hour (RESULTS.md, "
+                            "\"Branch ablation\")", str,
                             choices=("both", "cnn", "vit"))
     # Advanced
     validation_split: float = _option(0.1, "fraction of the training set held out, stratified, for model "
