@@ -1056,13 +1056,24 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
 
 def orthogonalized(matrix, steps=3):
     """About U V^T for matrix = U S V^T, all directions at one scale: the quintic Newton-Schulz iteration
-    of K. Jordan's Muon, which pushes the singular values towards 1 fast rather than exactly."""
+    of K. Jordan's Muon, which pushes the singular values towards 1 fast rather than exactly.
+
+    Each step multiplies x by a polynomial p of its Gram matrix G = x x^T, and G by p^2 (p commutes with
+    G), so the steps run on the small m x m Gram matrix and touch the long side n only twice: the first
+    Gram matrix and the final product. A conv kernel's n is 9 times its inputs, so this does the same
+    iteration in about half the arithmetic."""
     wide = matrix.shape[0] <= matrix.shape[1]
     x = matrix if wide else ops.transpose(matrix)
     x = x / (ops.sqrt(ops.sum(ops.square(x))) + 1e-7)  # all singular values <= 1
-    for _ in range(steps):
-        gram = ops.matmul(x, ops.transpose(x))
-        x = 3.4445 * x + ops.matmul(-4.7750 * gram + 2.0315 * ops.matmul(gram, gram), x)
+    gram = ops.matmul(x, ops.transpose(x))
+    eye = ops.eye(gram.shape[0], dtype=gram.dtype)
+    product = None
+    for step in range(steps):
+        p = 3.4445 * eye + ops.matmul(-4.7750 * eye + 2.0315 * gram, gram)
+        product = p if product is None else ops.matmul(p, product)
+        if step + 1 < steps:
+            gram = ops.matmul(ops.matmul(p, p), gram)
+    x = ops.matmul(product, x)
     return x if wide else ops.transpose(x)
 
 

@@ -448,6 +448,22 @@ def test_orthogonalized_matrices_have_singular_values_near_one():
         assert 0.6 < singular.min() and singular.max() < 1.25
 
 
+def test_orthogonalized_matches_the_plain_newton_schulz_iteration():
+    # The Gram-matrix form must be the same iteration as x <- p(x x^T) x, only cheaper.
+    rng = np.random.default_rng(1)
+    for shape in ((48, 432), (432, 48), (7, 7)):
+        matrix = rng.normal(size=shape)
+        x = matrix if shape[0] <= shape[1] else matrix.T
+        x = x / np.linalg.norm(x)
+        for _ in range(3):
+            gram = x @ x.T
+            x = 3.4445 * x + (-4.7750 * gram + 2.0315 * gram @ gram) @ x
+        expected = x if shape[0] <= shape[1] else x.T
+        got = chc.keras.ops.convert_to_numpy(chc.orthogonalized(matrix.astype("float32")))
+        assert got.shape == shape
+        np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
 def test_optimizer_step_benchmark_times_both_settings(capsys):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     import optimizer_step
