@@ -3,8 +3,8 @@
     python benchmarks/optimizer_step.py [--rounds N] [training options]
 
 Two settings of the same model: AdamW for every weight (`--muon-step 0`) and Muon for the conv
-kernels (the default). The Newton-Schulz iterations add few FLOPs
-but many small ops. The steps alternate, one timing of each per round, so a shared host's
+kernels (the default). The Newton-Schulz iterations' cost grows with the cube of a kernel's
+filters, so it is the large size (`--model-size large`) where Muon shows in the step. The steps alternate, one timing of each per round, so a shared host's
 drifting speed hits all alike; the figures are medians over the rounds.
 """
 
