@@ -228,8 +228,8 @@ class Config:
     flip: bool = _option(True, "random horizontal flips")
     cutmix: float = _option(0.0, "probability that a training image gets a box cut from another image of its "
                             "batch, its label mixed by the box's area (CutMix, Yun et al. 2019); where "
-                            "--time-budget gives the large size room for at least "
-                            f"{CUTMIX_FROM_EPOCHS} epochs, {LONG_SCHEDULE_CUTMIX} unless given", _rate)
+                            f"--time-budget plans at least {CUTMIX_FROM_EPOCHS} epochs of the large size, "
+                            f"{LONG_SCHEDULE_CUTMIX} unless given", _rate)
     whiten_stem: bool = _option(True, "start the stem's first convolution as a whitening of the training "
                                 "images' patches and keep it fixed (docs/design.md)")
     identity_init: bool = _option(True, "start every later conv3x3 of the stem and the CNN branch as a partial "
@@ -1511,6 +1511,10 @@ class TimePlan:
             raise InputError(f"--time-budget leaves {seconds / 60:.2g} min, no time to train (one step takes "
                              f"{step_seconds:.2f}s, evaluation {test_seconds:.0f}s); raise the budget")
         t.epochs, t.steps_per_epoch = epochs, min(full, steps // epochs)
+        if getattr(t.config, "cutmix_by_plan", False) and epochs >= CUTMIX_FROM_EPOCHS:
+            t.config.cutmix = t.train_pipeline.cutmix = LONG_SCHEDULE_CUTMIX  # before the backup records it
+            t.log(f"--time-budget: CutMix for {LONG_SCHEDULE_CUTMIX:.0%} of the training images, as the large "
+                  f"size has {CUTMIX_FROM_EPOCHS} epochs or more")
         t.model.set_weights(initial)
         t._prepare_training()
         planned = (time.time() - planning_started + compile_seconds + test_seconds
@@ -1645,8 +1649,9 @@ def check_free_space(config, parameters):
 
 def choose_model_size(config, seconds, train_images):
     """--time-budget with --model-size auto: the largest size that trains `MIN_EPOCHS_PER_SIZE` epochs, from a
-    few timed steps of each size, smallest first (at most about 5 % of the budget), and CutMix for the large
-    size where it has room for `CUTMIX_FROM_EPOCHS`; a resumed run keeps its size and CutMix."""
+    few timed steps of each size, smallest first (at most about 5 % of the budget); a resumed run keeps its
+    size and CutMix. Whether the large size takes CutMix the time plan decides (`TimePlan.measure`): it times
+    real steps, where this timing of a few steps can catch a slow minute of a shared machine."""
 
     path = None if config.fresh else tf.train.latest_checkpoint(config.checkpoint_dir)
     explicit = getattr(config, "explicit", set())
@@ -1659,7 +1664,7 @@ def choose_model_size(config, seconds, train_images):
             config.cutmix = saved.get("cutmix", 0.0)
         return apply_model_size(config, saved["model_size"])
     sizes = getattr(config, "sizes", list(MODEL_SIZES))  # parse_config leaves out sizes the options rule out
-    chosen, room, steps, started = sizes[0], 0.0, train_images // config.batch_size, time.time()
+    chosen, steps, started = sizes[0], train_images // config.batch_size, time.time()
     for size in sizes:
         if time.time() - started > 0.05 * seconds:  # timing (mostly compiling) may take 5 % of the budget
             break
@@ -1670,13 +1675,10 @@ def choose_model_size(config, seconds, train_images):
         print(f"model size {size}: {step_seconds:.3f}s per step, room for about {epochs:.1f} epochs")
         if epochs < MIN_EPOCHS_PER_SIZE and size != sizes[0]:
             break
-        chosen, room = size, epochs
+        chosen = size
     print(f"--time-budget: model size {chosen}, the largest with room for {MIN_EPOCHS_PER_SIZE} epochs "
           "(or the smallest)")
-    if chosen == "large" and room >= CUTMIX_FROM_EPOCHS and "cutmix" not in explicit:
-        config.cutmix = LONG_SCHEDULE_CUTMIX
-        print(f"--time-budget: CutMix for {LONG_SCHEDULE_CUTMIX:.0%} of the training images, as the large size "
-              f"has room for {CUTMIX_FROM_EPOCHS} epochs or more")
+    config.cutmix_by_plan = chosen == "large" and "cutmix" not in explicit
     return apply_model_size(config, chosen)
 
 

@@ -4,8 +4,9 @@
 
 Two settings of the same model: AdamW for every weight (`--muon-step 0`) and Muon for the conv
 kernels (the default). The Newton-Schulz iterations' cost grows with the cube of a kernel's
-filters, so it is the large size (`--model-size large`) where Muon shows in the step. The steps alternate, one timing of each per round, so a shared host's
-drifting speed hits all alike; the figures are medians over the rounds.
+filters, so it is the large size (`--model-size large`) where Muon shows in the step. The steps
+alternate, one timing of each per round, so a shared host's drifting speed hits all alike; the
+figures are medians over the rounds.
 """
 
 import argparse

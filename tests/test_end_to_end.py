@@ -341,7 +341,7 @@ def test_time_budget_picks_the_largest_size_with_room_for_enough_epochs(monkeypa
     assert (config.model_size, config.embed_dim, config.depth) == ("base", 64, 2)
 
 
-def test_time_budget_adds_cutmix_where_the_large_size_trains_long_and_a_resumed_run_keeps_it(monkeypatch, tmp_path):
+def test_time_budget_leaves_cutmix_to_the_plan_for_the_large_size_and_a_resumed_run_keeps_it(monkeypatch, tmp_path):
     import tensorflow as tf
     paces = {"small": 0.05, "base": 0.1, "large": 0.3}  # seconds per step, as on a fast CPU
     monkeypatch.setattr(chc, "time_training_step", lambda config: paces[config.model_size])
@@ -350,19 +350,43 @@ def test_time_budget_adds_cutmix_where_the_large_size_trains_long_and_a_resumed_
     def chosen(minutes, *options):
         config = chc.parse_config(["--time-budget", str(minutes), "--checkpoint-dir", backup, *options])
         chc.choose_model_size(config, minutes * 60, 45000)
-        return config.model_size, config.cutmix
+        return config.model_size, config.cutmix, getattr(config, "cutmix_by_plan", False)
 
-    assert chosen(30) == ("large", 0.0)  # room for 15 epochs of the large size
-    assert chosen(60) == ("large", chc.LONG_SCHEDULE_CUTMIX)  # room for 30
-    assert chosen(60, "--cutmix", "0") == ("large", 0.0)  # the command line wins
-    assert chosen(60, "--cutmix", "0.25") == ("large", 0.25)
+    assert chosen(10) == ("base", 0.0, False)  # room for 5 epochs of the large size: never CutMix
+    assert chosen(60) == ("large", 0.0, True)  # the time plan decides
+    assert chosen(60, "--cutmix", "0") == ("large", 0.0, False)  # the command line wins
+    assert chosen(60, "--cutmix", "0.25") == ("large", 0.25, False)
     # A resumed run keeps the size and CutMix its backup trained with, whatever the timing says now.
     paces["large"] = 0.2  # room for 46 epochs
     for cutmix in ("0.5", "0"):
         config = chc.parse_config(["--model-size", "large", "--cutmix", cutmix, "--checkpoint-dir", backup])
         state = tf.train.Checkpoint(config=tf.Variable(chc.TrainingBackup.fingerprint(config)))
         tf.train.CheckpointManager(state, backup, max_to_keep=1).save()
-        assert chosen(60) == ("large", float(cutmix))
+        assert chosen(60) == ("large", float(cutmix), False)
+
+
+def test_the_time_plan_gives_the_large_size_cutmix_from_its_own_timed_steps(cifar_folder, monkeypatch, tmp_path):
+    # A slow minute during the size timing (room for 20 epochs) must not cost a plan of 24 epochs or
+    # more its CutMix; a plan of fewer gets none, and neither does a run that said --cutmix 0.
+    monkeypatch.setattr(chc, "time_training_step", lambda config: {"small": 0.02, "base": 0.05, "large": 0.115}[
+        config.model_size])  # batches of 32
+    data = chc.load_cifar(cifar_folder)
+    cases = ((400, [], chc.LONG_SCHEDULE_CUTMIX), (100, [], 0.0), (400, ["--cutmix", "0"], 0.0))
+    for budget, options, expected in cases:
+        config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS, "--time-budget", "60", "--checkpoint-dir",
+                                   str(tmp_path / f"run{budget}{len(options)}.backup"), *options])
+        chc.choose_model_size(config, 3600, 45000)
+        assert config.model_size == "large" and config.cutmix == 0.0
+        with monkeypatch.context() as patched:
+            VirtualClock(step_seconds=1.0, pass_seconds=2.0).install(patched)
+            trainer = chc.Trainer(config, data, log=lambda *_: None)
+            trainer.plan_time_budget(seconds=budget, test_images=200)
+        assert (trainer.epochs >= chc.CUTMIX_FROM_EPOCHS) == (budget == 400)
+        assert trainer.config.cutmix == trainer.train_pipeline.cutmix == expected
+        saved = json.loads(trainer.backup.state["config"].numpy())
+        assert saved["cutmix"] == expected  # a resumed run trains as this one did
+        _, labels = next(iter(trainer.train_pipeline.train_dataset(epoch=0)))
+        assert (labels.shape.rank == 2) == bool(expected)  # mixed labels only with CutMix
 
 
 def test_a_named_size_sets_only_the_architecture_options_left_open():
