@@ -143,10 +143,11 @@ MODEL_SIZES = {
 # With --time-budget, a budget with room for more than the default's 14 epochs of the base size buys a
 # larger size first.
 MIN_EPOCHS_PER_SIZE = 14
-# Given far more epochs, the large size learns its training images by heart and CutMix on half of them
-# regularizes it; the base size, which does not overfit so, only lost with CutMix (RESULTS.md, "Ablations").
-CUTMIX_FROM_EPOCHS = 24
-LONG_SCHEDULE_CUTMIX = 0.5
+# Given far more epochs, the large size learns its training images by heart; CutMix on half of them and
+# stronger label smoothing regularize it. The base size, which does not overfit so, lost with either
+# (RESULTS.md, "Ablations"). With --time-budget these are the defaults of options left open.
+LONG_SCHEDULE_FROM_EPOCHS = 24
+LONG_SCHEDULE = {"cutmix": 0.5, "label_smoothing": 0.2}
 
 
 # The option groups of --help, each named at its first field in Config.
@@ -217,7 +218,9 @@ class Config:
                                   "CLS token and position embeddings)", _non_negative_float)
     warmup_fraction: float = _option(0.1, "fraction of all steps spent in linear learning-rate warm-up "
                                      "before the cosine decay", _rate)
-    label_smoothing: float = _option(0.1, "label smoothing of the cross-entropy loss", _rate)
+    label_smoothing: float = _option(0.1, "label smoothing of the cross-entropy loss; where --time-budget plans "
+                                     f"at least {LONG_SCHEDULE_FROM_EPOCHS} epochs of the large size, "
+                                     f"{LONG_SCHEDULE['label_smoothing']} unless given", _rate)
     shift_lr_scale: float = _option(8.0, "learning-rate multiple for the batch norms' shifts (beta) in the "
                                     "stem and the CNN branch (docs/design.md)", _positive_float)
     muon_step: float = _option(0.02, "peak angle (in radians, about) by which each Muon step turns a conv kernel "
@@ -228,8 +231,8 @@ class Config:
     flip: bool = _option(True, "random horizontal flips")
     cutmix: float = _option(0.0, "probability that a training image gets a box cut from another image of its "
                             "batch, its label mixed by the box's area (CutMix, Yun et al. 2019); where "
-                            f"--time-budget plans at least {CUTMIX_FROM_EPOCHS} epochs of the large size, "
-                            f"{LONG_SCHEDULE_CUTMIX} unless given", _rate)
+                            f"--time-budget plans at least {LONG_SCHEDULE_FROM_EPOCHS} epochs of the large size, "
+                            f"{LONG_SCHEDULE['cutmix']} unless given", _rate)
     whiten_stem: bool = _option(True, "start the stem's first convolution as a whitening of the training "
                                 "images' patches and keep it fixed (docs/design.md)")
     identity_init: bool = _option(True, "start every later conv3x3 of the stem and the CNN branch as a partial "
@@ -275,8 +278,9 @@ def build_arg_parser():
             kwargs["help"] += " (default: from --model-size; base: " + \
                 (",".join(map(str, f.default)) if isinstance(f.default, tuple) else str(f.default)) + ")"
             kwargs["default"] = argparse.SUPPRESS
-        elif isinstance(f.default, tuple):
-            kwargs["help"] += f" (default: {','.join(map(str, f.default))})"
+        elif isinstance(f.default, tuple) or f.name in LONG_SCHEDULE:  # left out unless given: a plan may fill it
+            shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+            kwargs["help"] += f" (default: {shown})"
             kwargs["default"] = argparse.SUPPRESS
         kwargs.update({k: v for k, v in meta.items() if v is not None})
         group.add_argument(flag, **kwargs)
@@ -289,7 +293,8 @@ def parse_config(argv=None):
     parser = build_arg_parser()
     args = vars(parser.parse_args(argv))
     config = Config(**args)
-    config.explicit = {name for name in args if name in (*MODEL_SIZES["base"], "cutmix")}  # a plan fills the rest
+    # A size and a time plan fill in the rest.
+    config.explicit = {name for name in args if name in (*MODEL_SIZES["base"], *LONG_SCHEDULE)}
     sizes = [config.model_size] if config.model_size != "auto" else list(MODEL_SIZES) if config.time_budget \
         else ["base"]  # with --time-budget, run() times the sizes and picks one
     errors = {size: architecture_error(apply_model_size(dataclasses.replace(config), size, config.explicit))
@@ -1206,7 +1211,7 @@ class Trainer:
         with self.strategy.scope():
             self.model = build_model(config, self.precision, self.replicas > 1, data.fine_names)
         initialize_convolutions(self.model, config, self.x_train)  # a resumed run restores its weights over these
-        self.loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing, reduction=None)
+        self.loss_fn = self.make_loss()
         self.start_epoch, self.start_step, self.partial = 0, 0, (0.0, 0.0, 0.0)  # where fit() begins
         self.history, self.best_accuracy, self.stop_signal = [], -1.0, None
         self.tensorboard = tf.summary.create_file_writer(config.tensorboard) \
@@ -1214,6 +1219,9 @@ class Trainer:
         self._predict_step = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True,
                                          autograph=False)
         self._prepare_training()
+
+    def make_loss(self):
+        return keras.losses.CategoricalCrossentropy(label_smoothing=self.config.label_smoothing, reduction=None)
 
     def _prepare_training(self):
         """A fresh optimizer and step function for the current plan (the schedule needs the step count)."""
@@ -1511,10 +1519,13 @@ class TimePlan:
             raise InputError(f"--time-budget leaves {seconds / 60:.2g} min, no time to train (one step takes "
                              f"{step_seconds:.2f}s, evaluation {test_seconds:.0f}s); raise the budget")
         t.epochs, t.steps_per_epoch = epochs, min(full, steps // epochs)
-        if getattr(t.config, "cutmix_by_plan", False) and epochs >= CUTMIX_FROM_EPOCHS:
-            t.config.cutmix = t.train_pipeline.cutmix = LONG_SCHEDULE_CUTMIX  # before the backup records it
-            t.log(f"--time-budget: CutMix for {LONG_SCHEDULE_CUTMIX:.0%} of the training images, as the large "
-                  f"size has {CUTMIX_FROM_EPOCHS} epochs or more")
+        long_schedule = getattr(t.config, "long_schedule_by_plan", ())
+        if long_schedule and epochs >= LONG_SCHEDULE_FROM_EPOCHS:
+            for name in long_schedule:
+                setattr(t.config, name, LONG_SCHEDULE[name])  # before the backup records them
+            t.train_pipeline.cutmix, t.loss_fn = t.config.cutmix, t.make_loss()
+            given = " and ".join(f"--{name.replace('_', '-')} {LONG_SCHEDULE[name]}" for name in long_schedule)
+            t.log(f"--time-budget: {given}, as the large size has {LONG_SCHEDULE_FROM_EPOCHS} epochs or more")
         t.model.set_weights(initial)
         t._prepare_training()
         planned = (time.time() - planning_started + compile_seconds + test_seconds
@@ -1650,8 +1661,9 @@ def check_free_space(config, parameters):
 def choose_model_size(config, seconds, train_images):
     """--time-budget with --model-size auto: the largest size that trains `MIN_EPOCHS_PER_SIZE` epochs, from a
     few timed steps of each size, smallest first (at most about 5 % of the budget); a resumed run keeps its
-    size and CutMix. Whether the large size takes CutMix the time plan decides (`TimePlan.measure`): it times
-    real steps, where this timing of a few steps can catch a slow minute of a shared machine."""
+    size, CutMix and label smoothing. Whether the large size gets the long schedule's regularization
+    (`LONG_SCHEDULE`) the time plan decides (`TimePlan.measure`): it times real steps, where this timing of
+    a few steps can catch a slow minute of a shared machine."""
 
     path = None if config.fresh else tf.train.latest_checkpoint(config.checkpoint_dir)
     explicit = getattr(config, "explicit", set())
@@ -1660,8 +1672,9 @@ def choose_model_size(config, seconds, train_images):
     except Exception:  # a damaged backup: resuming reports it
         saved = {}
     if saved.get("model_size") in MODEL_SIZES:
-        if "cutmix" not in explicit:
-            config.cutmix = saved.get("cutmix", 0.0)
+        for name in set(LONG_SCHEDULE) - explicit:  # older backups lack cutmix: they trained without
+            setattr(config, name, saved.get(name, Config.__dataclass_fields__[name].default))
+        config.long_schedule_by_plan = []
         return apply_model_size(config, saved["model_size"])
     sizes = getattr(config, "sizes", list(MODEL_SIZES))  # parse_config leaves out sizes the options rule out
     chosen, steps, started = sizes[0], train_images // config.batch_size, time.time()
@@ -1678,7 +1691,8 @@ def choose_model_size(config, seconds, train_images):
         chosen = size
     print(f"--time-budget: model size {chosen}, the largest with room for {MIN_EPOCHS_PER_SIZE} epochs "
           "(or the smallest)")
-    config.cutmix_by_plan = chosen == "large" and "cutmix" not in explicit
+    config.long_schedule_by_plan = [name for name in LONG_SCHEDULE if name not in explicit] if chosen == "large" \
+        else []
     return apply_model_size(config, chosen)
 
 

@@ -341,7 +341,8 @@ def test_time_budget_picks_the_largest_size_with_room_for_enough_epochs(monkeypa
     assert (config.model_size, config.embed_dim, config.depth) == ("base", 64, 2)
 
 
-def test_time_budget_leaves_cutmix_to_the_plan_for_the_large_size_and_a_resumed_run_keeps_it(monkeypatch, tmp_path):
+def test_time_budget_leaves_the_long_schedule_to_the_plan_for_the_large_size_and_a_resumed_run_keeps_it(
+        monkeypatch, tmp_path):
     import tensorflow as tf
     paces = {"small": 0.05, "base": 0.1, "large": 0.3}  # seconds per step, as on a fast CPU
     monkeypatch.setattr(chc, "time_training_step", lambda config: paces[config.model_size])
@@ -350,43 +351,48 @@ def test_time_budget_leaves_cutmix_to_the_plan_for_the_large_size_and_a_resumed_
     def chosen(minutes, *options):
         config = chc.parse_config(["--time-budget", str(minutes), "--checkpoint-dir", backup, *options])
         chc.choose_model_size(config, minutes * 60, 45000)
-        return config.model_size, config.cutmix, getattr(config, "cutmix_by_plan", False)
+        return config.model_size, config.cutmix, config.label_smoothing, config.long_schedule_by_plan
 
-    assert chosen(10) == ("base", 0.0, False)  # room for 5 epochs of the large size: never CutMix
-    assert chosen(60) == ("large", 0.0, True)  # the time plan decides
-    assert chosen(60, "--cutmix", "0") == ("large", 0.0, False)  # the command line wins
-    assert chosen(60, "--cutmix", "0.25") == ("large", 0.25, False)
-    # A resumed run keeps the size and CutMix its backup trained with, whatever the timing says now.
+    assert chosen(10) == ("base", 0.0, 0.1, [])  # room for 5 epochs of the large size: never the long schedule
+    assert chosen(60) == ("large", 0.0, 0.1, ["cutmix", "label_smoothing"])  # the time plan decides
+    assert chosen(60, "--cutmix", "0") == ("large", 0.0, 0.1, ["label_smoothing"])  # the command line wins
+    assert chosen(60, "--cutmix", "0.25", "--label-smoothing", "0.1") == ("large", 0.25, 0.1, [])
+    # A resumed run keeps the size and regularization its backup trained with, whatever the timing says now.
     paces["large"] = 0.2  # room for 46 epochs
-    for cutmix in ("0.5", "0"):
-        config = chc.parse_config(["--model-size", "large", "--cutmix", cutmix, "--checkpoint-dir", backup])
+    for cutmix, smoothing in (("0.5", "0.2"), ("0", "0.1")):
+        config = chc.parse_config(["--model-size", "large", "--cutmix", cutmix, "--label-smoothing", smoothing,
+                                   "--checkpoint-dir", backup])
         state = tf.train.Checkpoint(config=tf.Variable(chc.TrainingBackup.fingerprint(config)))
         tf.train.CheckpointManager(state, backup, max_to_keep=1).save()
-        assert chosen(60) == ("large", float(cutmix), False)
+        assert chosen(60)[:3] == ("large", float(cutmix), float(smoothing))
 
 
-def test_the_time_plan_gives_the_large_size_cutmix_from_its_own_timed_steps(cifar_folder, monkeypatch, tmp_path):
+def test_the_time_plan_gives_the_large_size_the_long_schedule_from_its_own_timed_steps(cifar_folder, monkeypatch,
+                                                                                       tmp_path):
     # A slow minute during the size timing (room for 20 epochs) must not cost a plan of 24 epochs or
-    # more its CutMix; a plan of fewer gets none, and neither does a run that said --cutmix 0.
+    # more its CutMix and label smoothing; a plan of fewer gets neither, and an option given stays as given.
     monkeypatch.setattr(chc, "time_training_step", lambda config: {"small": 0.02, "base": 0.05, "large": 0.115}[
         config.model_size])  # batches of 32
     data = chc.load_cifar(cifar_folder)
-    cases = ((400, [], chc.LONG_SCHEDULE_CUTMIX), (100, [], 0.0), (400, ["--cutmix", "0"], 0.0))
-    for budget, options, expected in cases:
+    long = chc.LONG_SCHEDULE
+    cases = ((400, [], long["cutmix"], long["label_smoothing"]), (100, [], 0.0, 0.1),
+             (400, ["--cutmix", "0"], 0.0, long["label_smoothing"]))
+    for budget, options, cutmix, smoothing in cases:
         config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS, "--time-budget", "60", "--checkpoint-dir",
                                    str(tmp_path / f"run{budget}{len(options)}.backup"), *options])
         chc.choose_model_size(config, 3600, 45000)
-        assert config.model_size == "large" and config.cutmix == 0.0
+        assert config.model_size == "large" and (config.cutmix, config.label_smoothing) == (0.0, 0.1)
         with monkeypatch.context() as patched:
             VirtualClock(step_seconds=1.0, pass_seconds=2.0).install(patched)
             trainer = chc.Trainer(config, data, log=lambda *_: None)
             trainer.plan_time_budget(seconds=budget, test_images=200)
-        assert (trainer.epochs >= chc.CUTMIX_FROM_EPOCHS) == (budget == 400)
-        assert trainer.config.cutmix == trainer.train_pipeline.cutmix == expected
+        assert (trainer.epochs >= chc.LONG_SCHEDULE_FROM_EPOCHS) == (budget == 400)
+        assert trainer.config.cutmix == trainer.train_pipeline.cutmix == cutmix
+        assert trainer.config.label_smoothing == trainer.loss_fn.get_config()["label_smoothing"] == smoothing
         saved = json.loads(trainer.backup.state["config"].numpy())
-        assert saved["cutmix"] == expected  # a resumed run trains as this one did
+        assert (saved["cutmix"], saved["label_smoothing"]) == (cutmix, smoothing)  # a resumed run trains alike
         _, labels = next(iter(trainer.train_pipeline.train_dataset(epoch=0)))
-        assert (labels.shape.rank == 2) == bool(expected)  # mixed labels only with CutMix
+        assert (labels.shape.rank == 2) == bool(cutmix)  # mixed labels only with CutMix
 
 
 def test_a_named_size_sets_only_the_architecture_options_left_open():
