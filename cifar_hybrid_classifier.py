@@ -673,13 +673,32 @@ class TransformerEncoderBlock(layers.Layer):
         self.mlp_out.build(input_shape[:-1] + (int(self.embed_dim * self.mlp_ratio),))
 
     def call(self, x, training=None, return_attention_scores=False):
-        h = self.norm1(x)
-        attended = self.attention(h, h, training=training, return_attention_scores=return_attention_scores)
-        h, scores = attended if return_attention_scores else (attended, None)
+        h, scores = self.self_attention(self.norm1(x), training=training)
         x = x + self.drop(h, training=training)
         h = self.mlp_out(self.drop(self.mlp_hidden(self.norm2(x)), training=training))
         x = x + self.drop(h, training=training)
         return (x, scores) if return_attention_scores else x
+
+    def self_attention(self, h, training=None):
+        """What `self.attention(h, h)` computes, and its weights (batch, heads, tokens, tokens), from the same
+        variables in fewer, larger operations: one matmul projects queries, keys and values together, and the
+        heads multiply as batched matmuls where Keras's layer runs einsums, which on a CPU made the ViT branch
+        train far slower than its FLOPs (RESULTS.md, ablation table). The Keras layer stays as the owner of
+        the variables, so models saved before load unchanged."""
+        heads, size, width = self.num_heads, self.embed_dim // self.num_heads, self.embed_dim
+        projections = (self.attention._query_dense, self.attention._key_dense, self.attention._value_dense)
+        kernel = ops.concatenate([ops.reshape(d.kernel, (width, heads * size)) for d in projections], axis=1)
+        bias = ops.concatenate([ops.reshape(d.bias, (heads * size,)) for d in projections], axis=0)
+        tokens = h.shape[1]
+        qkv = ops.matmul(h, ops.cast(kernel, h.dtype)) + ops.cast(bias, h.dtype)
+        qkv = ops.transpose(ops.reshape(qkv, (-1, tokens, 3, heads, size)), (2, 0, 3, 1, 4))
+        query, key, value = qkv[0] * ops.cast(size ** -0.5, h.dtype), qkv[1], qkv[2]
+        scores = ops.softmax(ops.matmul(query, ops.transpose(key, (0, 1, 3, 2))), axis=-1)
+        attended = ops.matmul(self.drop(scores, training=training), value)
+        attended = ops.reshape(ops.transpose(attended, (0, 2, 1, 3)), (-1, tokens, heads * size))
+        output = self.attention._output_dense
+        kernel = ops.reshape(output.kernel, (heads * size, width))
+        return ops.matmul(attended, ops.cast(kernel, h.dtype)) + ops.cast(output.bias, h.dtype), scores
 
     def get_config(self):
         return {**super().get_config(), "embed_dim": self.embed_dim, "num_heads": self.num_heads,

@@ -78,6 +78,25 @@ def test_transformer_block_shape_and_residual():
     np.testing.assert_allclose(np.asarray(block(tokens)), tokens, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_transformer_block_attention_is_keras_multi_head_attention(policy):
+    # The block computes attention from the Keras layer's variables in its own way (faster on a CPU); it must
+    # give what that layer gives, weights included, so saved models keep their predictions.
+    tokens = RNG.normal(size=(3, 17, 64)).astype("float32")
+    block = chc.TransformerEncoderBlock(64, 4, dtype=policy)
+    block.build(tokens.shape)
+    for variable in block.attention.weights:  # non-zero biases too, so each lands where Keras puts it
+        variable.assign(RNG.normal(scale=0.2, size=variable.shape))
+    normed = block.norm1(tokens)
+    expected, expected_scores = block.attention(normed, normed, return_attention_scores=True)
+    attended, scores = block.self_attention(normed)
+    assert attended.dtype == expected.dtype and tuple(scores.shape) == (3, 4, 17, 17)
+    tolerance = 1e-5 if policy == "float32" else 2e-2
+    np.testing.assert_allclose(np.asarray(attended, "float32"), np.asarray(expected, "float32"), atol=tolerance)
+    np.testing.assert_allclose(np.asarray(scores, "float32"), np.asarray(expected_scores, "float32"), atol=tolerance)
+    np.testing.assert_allclose(np.asarray(scores, "float32").sum(-1), 1.0, atol=tolerance)
+
 def test_batch_norm_trains_with_the_fused_kernel_like_keras_batch_norm():
     """Same output, gradients and moving statistics as Keras's layer, whose weights it shares."""
     x = tf.constant(RNG.normal(1.0, 3.0, size=(4, 5, 5, 6)), "float32")
