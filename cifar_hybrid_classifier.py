@@ -1,9 +1,9 @@
 """Train a hybrid CNN + Vision Transformer on CIFAR-100 from scratch.
 
-The default (base size, 14 epochs) reaches 69.6 and 69.3 % test top-1 with test-time augmentation
-(67.1 and 66.9 % plain; seeds 42 and 43) in 54 and 57 minutes on a 2-core AMD EPYC with AVX2 and no
-GPU; `--time-budget 60` reaches 72.9 and 72.6 % (70.3 and 70.4 % plain) in an hour on a 2-core
-Intel Xeon. Commands, machines and the rest of the figures: RESULTS.md.
+The default (base size, 14 epochs) reaches 69.2 and 69.3 % test top-1 with test-time augmentation
+(66.8 and 67.1 % plain; seeds 42 and 43) in 61 and 57 minutes on a 2-core AMD EPYC (Zen 3) with AVX2
+and no GPU; `--time-budget 60` reaches 74.7 and 74.4 % (72.6 and 72.4 % plain) in an hour on a 2-core
+AMD EPYC (Zen 5) in bfloat16. Commands, machines and the rest of the figures: RESULTS.md.
 
     python cifar_hybrid_classifier.py                       # download via Keras, train, report, save
     python cifar_hybrid_classifier.py --data cifar-100-python.tar.gz --epochs 1
