@@ -71,8 +71,13 @@ def silence_native_stderr():
     return restore
 
 
+# TensorFlow turns its oneDNN kernels on by default only on x86 CPUs with AVX-512 VNNI, BF16 or AMX. Without
+# them (an AVX2-only laptop) its own kernels compute a convolution's input gradient several times slower than the
+# convolution itself, the largest part of a step (docs/design.md). Set before TensorFlow loads; a user's value wins.
+if platform.machine().lower() in ("x86_64", "amd64"):
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 _restore_stderr = silence_native_stderr()
-try:  # the module's top level stays definitions: importing it runs nothing else
+try:  # the module's top level stays definitions (and the line above): importing it runs nothing else
     import numpy as np
     import tensorflow as tf
     import keras

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What the environment said before the script, imported by the tests, set its default.
+ONEDNN_OPTS_GIVEN = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
 sys.path.insert(0, ROOT)
 
 FINE_NAMES = [f"fine_{i:02d}" for i in range(100)]

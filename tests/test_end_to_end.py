@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 import cifar_hybrid_classifier as chc
-from conftest import FINE_NAMES, ROOT, TINY_ARGS, run_outputs
+from conftest import FINE_NAMES, ONEDNN_OPTS_GIVEN, ROOT, TINY_ARGS, run_outputs
 
 SCRIPT = os.path.join(ROOT, "cifar_hybrid_classifier.py")
 
@@ -406,6 +407,16 @@ def test_time_training_step_measures_a_real_step():
     config = chc.parse_config(["--model-size", "small", *TINY_ARGS[2:]])
     seconds = chc.time_training_step(config, repeats=2)
     assert isinstance(seconds, float) and seconds > 0 and math.isfinite(seconds)
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="an x86 default")
+def test_onednn_kernels_are_on_unless_the_environment_says_otherwise():
+    # TensorFlow leaves them off on AVX2-only CPUs, the slow class, whose steps they shorten most.
+    from tensorflow.python.util import _pywrap_util_port
+    if ONEDNN_OPTS_GIVEN is None:
+        assert os.environ["TF_ENABLE_ONEDNN_OPTS"] == "1" and _pywrap_util_port.IsMklEnabled()
+    else:
+        assert os.environ["TF_ENABLE_ONEDNN_OPTS"] == ONEDNN_OPTS_GIVEN  # the user's choice stands
 
 
 def test_cifar10_trains_end_to_end_and_evaluates(tmp_path, capsys):
