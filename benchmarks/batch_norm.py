@@ -13,9 +13,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cifar_hybrid_classifier as chc  # first: it sets TensorFlow's environment before TensorFlow loads
 import keras
-
-import cifar_hybrid_classifier as chc
 from alternating import print_step_figures, time_in_turn
 
 

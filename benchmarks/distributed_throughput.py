@@ -21,12 +21,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASE = textwrap.dedent("""
     import json, sys, time
     import numpy as np
+    import cifar_hybrid_classifier as chc  # first: it sets TensorFlow's environment before TensorFlow loads
     import tensorflow as tf
     devices, global_batch = int(sys.argv[1]), int(sys.argv[2])
-    if devices > 1:
+    if devices > 1:  # before TensorFlow's runtime starts, which importing does not do
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * devices)
-    import cifar_hybrid_classifier as chc
     strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(devices)]) if devices > 1 \\
         else tf.distribute.get_strategy()
     rng = np.random.default_rng(0)

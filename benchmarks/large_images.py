@@ -20,10 +20,9 @@ import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cifar_hybrid_classifier as chc  # first: it sets TensorFlow's environment before TensorFlow loads
 import numpy as np
 import tensorflow as tf
-
-import cifar_hybrid_classifier as chc
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cifar_hybrid_classifier.py")
 # Run in a child so that its peak memory is the only one RUSAGE_CHILDREN sees.

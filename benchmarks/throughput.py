@@ -19,10 +19,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cifar_hybrid_classifier as chc  # first: it sets TensorFlow's environment before TensorFlow loads
 import numpy as np
 import tensorflow as tf
-
-import cifar_hybrid_classifier as chc
 
 
 def _einsum_flops(op):

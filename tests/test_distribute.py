@@ -17,13 +17,14 @@ from conftest import (ROOT, TINY_ARGS, assert_a_lost_peer_ended_the_run, run_out
 
 ENV = {**os.environ, "PYTHONPATH": ROOT}
 
-# Logical devices must be configured before TensorFlow starts, hence a fresh process.
+# Logical devices must be configured before TensorFlow's runtime starts, hence a fresh process; the script
+# comes first, as it sets TensorFlow's environment before TensorFlow loads.
 TWO_CPUS = """
     import sys
+    import cifar_hybrid_classifier as chc
     import tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    import cifar_hybrid_classifier as chc
 """
 
 TRAIN_ON_TWO_CPUS = textwrap.dedent(TWO_CPUS + """
