@@ -697,7 +697,9 @@ class TransformerEncoderBlock(layers.Layer):
         tokens = h.shape[1]
         qkv = ops.matmul(h, ops.cast(kernel, h.dtype)) + ops.cast(bias, h.dtype)
         qkv = ops.transpose(ops.reshape(qkv, (-1, tokens, 3, heads, size)), (2, 0, 3, 1, 4))
-        query, key, value = qkv[0] * ops.cast(size ** -0.5, h.dtype), qkv[1], qkv[2]
+        # Unstacking, not indexing: the gradient of an index is a zero tensor per slice, of unstacking one stack.
+        query, key, value = ops.unstack(qkv, 3, axis=0)
+        query = query * ops.cast(size ** -0.5, h.dtype)
         scores = ops.softmax(ops.matmul(query, ops.transpose(key, (0, 1, 3, 2))), axis=-1)
         attended = ops.matmul(self.drop(scores, training=training), value)
         attended = ops.reshape(ops.transpose(attended, (0, 2, 1, 3)), (-1, tokens, heads * size))
