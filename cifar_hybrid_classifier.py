@@ -140,10 +140,13 @@ def _widths(text):
 
 
 # The size family (RESULTS.md, "Model sizes"). Larger sizes widen the convolutions rather than deepen the
-# ViT: on a CPU a ViT FLOP costs more time than a conv FLOP (RESULTS.md, "Ablations").
+# ViT: on a CPU a ViT FLOP costs more time than a conv FLOP (RESULTS.md, "Ablations"). Past about 14 epochs
+# a wider model gains more than the epochs its time would buy a narrower one; medium is there for the
+# machines whose budget holds 14 epochs of it but not of large.
 MODEL_SIZES = {
     "small": dict(stem_width=24, cnn_widths=(64, 128), embed_dim=96, depth=2, num_heads=4, head_units=192),
     "base": dict(stem_width=32, cnn_widths=(128, 256), embed_dim=128, depth=2, num_heads=4, head_units=256),
+    "medium": dict(stem_width=40, cnn_widths=(176, 352), embed_dim=160, depth=2, num_heads=5, head_units=320),
     "large": dict(stem_width=48, cnn_widths=(224, 448), embed_dim=192, depth=2, num_heads=6, head_units=384),
 }
 # With --time-budget, a budget with room for more than the default's 14 epochs of the base size buys a
@@ -200,8 +203,8 @@ class Config:
     tta: bool = _option(True, "test-time augmentation in the final evaluation: average the predictions for "
                         "each image, its mirror image, and both shifted one pixel diagonally each way")
     # Model
-    model_size: str = _option("auto", "small, base or large (RESULTS.md, \"Model sizes\"); auto: base, or with "
-                              "--time-budget the largest size this machine trains for at least "
+    model_size: str = _option("auto", "small, base, medium or large (RESULTS.md, \"Model sizes\"); auto: base, or "
+                              "with --time-budget the largest size this machine trains for at least "
                               f"{MIN_EPOCHS_PER_SIZE} epochs in the budget", str, choices=("auto", *MODEL_SIZES))
     stem_width: int = _option(32, "channels of the convolutional stem both branches read (32x32 image to a "
                               "16x16 feature map)", _positive_int)

@@ -96,7 +96,8 @@ def resume_line(stdout):
     return match
 
 
-def test_kill_9_after_epoch_2_resumes_at_epoch_3_on_the_same_schedule_and_a_second_run_is_refused(tmp_path, slow_folder, capsys):
+def test_kill_9_after_epoch_2_resumes_at_epoch_3_on_the_same_schedule_and_a_second_run_is_refused(
+        tmp_path, slow_folder, capsys):
     args = ["--data", slow_folder, *FOUR_EPOCHS]
     output = tmp_path / "cifar_hybrid.keras"
     child = Child([*args, "--output", str(output)], tmp_path / "killed.err")
