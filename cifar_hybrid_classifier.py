@@ -2,7 +2,7 @@
 
 The default (base size, 14 epochs) reaches 68.8 and 69.0 % test top-1 with test-time augmentation
 (66.8 and 67.1 % plain; seeds 42 and 43) in 49 and 45 minutes on a 2-core AMD EPYC (Zen 3) with AVX2
-and no GPU, and `--time-budget 60` 70.5 and 71.0 % there in an hour; on a 2-core AMD EPYC (Zen 5) in
+and no GPU, and `--time-budget 60` 71.7 and 71.1 % there in an hour; on a 2-core AMD EPYC (Zen 5) in
 bfloat16 the hour reaches 74.7 and 74.4 % (72.6 and 72.4 % plain). Commands, machines and the rest of
 the figures: RESULTS.md.
 
