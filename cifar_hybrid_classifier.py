@@ -141,8 +141,8 @@ def _widths(text):
 
 # The size family (RESULTS.md, "Model sizes"). Larger sizes widen the convolutions rather than deepen the
 # ViT: on a CPU a ViT FLOP costs more time than a conv FLOP (RESULTS.md, "Ablations"). Past about 14 epochs
-# a wider model gains more than the epochs its time would buy a narrower one; medium is there for the
-# machines whose budget holds 14 epochs of it but not of large.
+# a wider model gained more than the epochs its time would buy a narrower one (RESULTS.md, "Ablations");
+# medium is there for the machines whose budget holds 14 epochs of it but not of large.
 MODEL_SIZES = {
     "small": dict(stem_width=24, cnn_widths=(64, 128), embed_dim=96, depth=2, num_heads=4, head_units=192),
     "base": dict(stem_width=32, cnn_widths=(128, 256), embed_dim=128, depth=2, num_heads=4, head_units=256),
