@@ -1730,6 +1730,7 @@ def time_training_step(config, repeats=5):
     """Median seconds of one training step of the model `config` describes, on random images."""
     model = build_model(config, resolve_precision(config.precision))
     optimizer = make_optimizer(model, config, 1e-4)
+    optimizer.build(model.trainable_variables)  # slots made inside the step would make TensorFlow trace it twice
     images = tf.random.uniform((config.batch_size, *IMAGE_SHAPE), 0, 255)
     initialize_convolutions(model, config, images.numpy(), samples=64)  # a fixed stem trains faster: time that
     classes = model.output_shape[-1]

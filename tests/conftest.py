@@ -107,14 +107,6 @@ class RunsCommand:
         return (os.system, (f"touch {self.marker}",))
 
 
-def assert_one_line_error(result, text):
-    """Exit code 2, no traceback, exactly one `error:` line on stderr, and it mentions `text`."""
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and text in errors[0], result.stderr
-
-
 def main_error(argv, capsys, code=2):
     """In-process `main(argv)` (no interpreter to start): it must return `code` and print exactly one
     `error:` line, which is returned. An exception that would have been a traceback fails the test instead."""
