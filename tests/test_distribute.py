@@ -27,7 +27,7 @@ TWO_CPUS = """
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 """
 
-ONE_STEP_BOTH_WAYS = textwrap.dedent(TWO_CPUS + """
+ONE_STEP_BOTH_WAYS_THEN_A_RUN = textwrap.dedent(TWO_CPUS + """
     import keras
     import numpy as np
     data = chc.load_cifar(sys.argv[1])
@@ -71,7 +71,7 @@ ONE_STEP_BOTH_WAYS = textwrap.dedent(TWO_CPUS + """
 def test_one_mirrored_step_equals_one_single_device_step_and_a_mirrored_run_trains_end_to_end(tmp_path,
                                                                                                cifar_folder):
     out, output = tmp_path / "weights.npz", tmp_path / "m.keras"
-    result = subprocess.run([sys.executable, "-c", ONE_STEP_BOTH_WAYS, cifar_folder, str(out), str(output),
+    result = subprocess.run([sys.executable, "-c", ONE_STEP_BOTH_WAYS_THEN_A_RUN, cifar_folder, str(out), str(output),
                              *TINY_ARGS], capture_output=True, text=True, timeout=600, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     saved = np.load(out)
