@@ -18,6 +18,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What the environment said before the script, imported by the tests, set its default.
 ONEDNN_OPTS_GIVEN = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
 sys.path.insert(0, ROOT)
+import cifar_hybrid_classifier  # noqa: E402,F401  (first: it sets TensorFlow's environment before TensorFlow loads)
+import tensorflow as tf  # noqa: E402
+
+# Functions traced in this process skip Grappler's graph rewrites: each tiny step function's first call spent
+# about a second in them, dozens of times per suite, and these tests check what the graphs compute, not how
+# fast. The tests that start the script in a subprocess run it as a user does, rewrites included.
+tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
 
 FINE_NAMES = [f"fine_{i:02d}" for i in range(100)]
 COARSE_NAMES = [f"coarse_{i:02d}" for i in range(20)]
@@ -189,6 +196,23 @@ def watch(procs, logs, act=None, timeout=600):
                 proc.kill()
             proc.wait()
     return [proc.returncode for proc in procs], [log.read_text() for log in logs], samples, ended
+
+
+# Soak runs: batch 8 per replica, so 600 training images make 75 steps per epoch in one process and 37 of
+# a global batch of 16 on two workers: 300 steps in four epochs, over a hundred before a two-worker run's end.
+SOAK_ARGS = [*TINY_ARGS, "--epochs", "4", "--batch-size", "8"]
+THREAD_MARGIN = 16  # TensorFlow starts and ends pool threads on demand; a leak of one per step adds dozens
+
+
+def write_soak_folder(folder):
+    return write_folder(folder, train=make_split(800, 7))
+
+
+def assert_flat_threads(samples, log, epochs=4):
+    """`samples` from `watch`: one per epoch line, at least `epochs`; the thread count may not climb."""
+    assert len(samples) >= epochs, log[-3000:]
+    threads = [count for count, _ in samples]
+    assert max(threads) - threads[0] <= THREAD_MARGIN, f"threads after each epoch: {threads}"
 
 
 def free_ports(n):

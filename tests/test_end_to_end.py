@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import cifar_hybrid_classifier as chc
-from conftest import FINE_NAMES, ONEDNN_OPTS_GIVEN, ROOT, TINY_ARGS, run_outputs
+from conftest import (FINE_NAMES, ONEDNN_OPTS_GIVEN, ROOT, SOAK_ARGS, TINY_ARGS, assert_flat_threads, run_outputs,
+                      watch, write_soak_folder, write_tarball)
 
 SCRIPT = os.path.join(ROOT, "cifar_hybrid_classifier.py")
 
@@ -33,15 +34,28 @@ def read_tensorboard_scalars(folder):
     return scalars
 
 
-def test_script_trains_reports_and_saves(tmp_path, cifar_tarball):
-    output = tmp_path / "cifar_hybrid.keras"
-    result = subprocess.run([sys.executable, SCRIPT, "train", "--data", cifar_tarball, "--output", str(output),
-                             *TINY_ARGS, "--epochs", "2", "--tta", "--tensorboard", str(tmp_path / "logs")],
-                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_script_trains_hundreds_of_steps_with_flat_threads_and_memory_then_reports_and_saves(tmp_path,
+                                                                                            tmp_path_factory):
+    # 300 steps: a leak of one thread (or a few kilobytes) per step, which passes every short run, shows
+    # as hundreds. Threads and resident memory are read from /proc at each `epoch k/n` line (on Linux).
+    folder = write_soak_folder(str(tmp_path_factory.mktemp("cifar_soak")))
+    tarball = write_tarball(str(tmp_path_factory.mktemp("tar_soak") / "cifar-100-python.tar.gz"), folder)
+    output, logs = tmp_path / "cifar_hybrid.keras", tmp_path_factory.mktemp("output")
+    with open(logs / "out.txt", "w") as out, open(logs / "err.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, SCRIPT, "train", "--data", tarball, "--output", str(output),
+                                 *SOAK_ARGS, "--tta", "--tensorboard", str(tmp_path / "logs")],
+                                stdout=out, stderr=err, cwd=tmp_path)
+    codes, (out,), (samples,), _ = watch([proc], [logs / "out.txt"])
+    err = (logs / "err.txt").read_text()
+    assert codes == [0], err[-3000:]
+    assert "plan: 4 epoch(s) of 75 steps" in out
+    if os.path.exists("/proc/self/status"):
+        assert_flat_threads(samples, out)
+        # The first epoch traces the step functions and fills the allocator's pools; after it, memory holds.
+        resident = [rss for _, rss in samples]
+        assert max(resident[1:]) <= 1.03 * resident[1], f"resident MB after each epoch: {[r >> 20 for r in resident]}"
     # TensorFlow's C++ start-up lines (oneDNN notes, the CUDA probe) are silenced.
-    assert not re.search(r"^([IWEF]\d{4} |WARNING: All log messages)", result.stderr, re.M), result.stderr[:3000]
-    out = result.stdout
+    assert not re.search(r"^([IWEF]\d{4} |WARNING: All log messages)", err, re.M), err[:3000]
     assert "precision" in out and "recall" in out and "f1-score" in out
     assert all(name in out for name in (FINE_NAMES[0], FINE_NAMES[57], FINE_NAMES[99]))
     assert "test top-1" in out and "top-5" in out and "superclass top-1" in out
@@ -60,7 +74,7 @@ def test_script_trains_reports_and_saves(tmp_path, cifar_tarball):
 
     with open(tmp_path / "cifar_hybrid.history.csv", newline="") as f:
         history = list(csv.DictReader(f))
-    assert [h["epoch"] for h in history] == ["1", "2"]
+    assert [h["epoch"] for h in history] == ["1", "2", "3", "4"]
     assert list(history[0]) == ["epoch", "seconds", "elapsed", "learning_rate", "train_loss", "train_accuracy",
                                 "val_loss", "val_accuracy"]
     assert all(float(h["val_loss"]) > 0 and 0 <= float(h["val_accuracy"]) <= 1 for h in history)
@@ -73,7 +87,7 @@ def test_script_trains_reports_and_saves(tmp_path, cifar_tarball):
     assert f"{100 * metrics['validation_top1_with_tta']:.2f}" == validation.group(1)
     assert list(metrics["per_class"]) == FINE_NAMES
     assert set(metrics["per_class"][FINE_NAMES[3]]) == {"precision", "recall", "f1-score", "support"}
-    assert metrics["config"]["epochs"] == 2 and metrics["seed"] == 42 and metrics["epochs_trained"] == 2
+    assert metrics["config"]["epochs"] == 4 and metrics["seed"] == 42 and metrics["epochs_trained"] == 4
     assert metrics["config"]["cnn_widths"] == [8, 16]
     assert {"python", "tensorflow", "keras", "numpy", "scikit-learn"} <= set(metrics["versions"])
     assert metrics["versions"]["cifar_hybrid_classifier"] == chc.__version__
@@ -86,8 +100,8 @@ def test_script_trains_reports_and_saves(tmp_path, cifar_tarball):
 
     scalars = read_tensorboard_scalars(tmp_path / "logs")
     assert {"learning_rate", "train_loss", "train_accuracy", "val_loss", "val_accuracy"} <= set(scalars)
-    assert [step for step, _ in scalars["val_accuracy"]] == [1, 2]
-    assert scalars["val_accuracy"][1][1] == pytest.approx(float(history[1]["val_accuracy"]), abs=1e-6)
+    assert [step for step, _ in scalars["val_accuracy"]] == [1, 2, 3, 4]
+    assert scalars["val_accuracy"][3][1] == pytest.approx(float(history[3]["val_accuracy"]), abs=1e-6)
 
 
 RELOAD = textwrap.dedent("""
