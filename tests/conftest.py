@@ -21,9 +21,9 @@ sys.path.insert(0, ROOT)
 import cifar_hybrid_classifier  # noqa: E402,F401  (first: it sets TensorFlow's environment before TensorFlow loads)
 import tensorflow as tf  # noqa: E402
 
-# Functions traced in this process skip Grappler's graph rewrites: each tiny step function's first call spent
-# about a second in them, dozens of times per suite, and these tests check what the graphs compute, not how
-# fast. The tests that start the script in a subprocess run it as a user does, rewrites included.
+# Functions traced in this process skip Grappler's graph rewrites: for a tiny model they cost a step function's
+# first call more than its steps do, dozens of times per suite, and these tests check what the graphs compute,
+# not how fast. The tests that start the script in a subprocess run it as a user does, rewrites included.
 tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
 
 FINE_NAMES = [f"fine_{i:02d}" for i in range(100)]
