@@ -149,8 +149,11 @@ MODEL_SIZES = {
     "medium": dict(stem_width=40, cnn_widths=(176, 352), embed_dim=160, depth=2, num_heads=5, head_units=320),
     "large": dict(stem_width=48, cnn_widths=(224, 448), embed_dim=192, depth=2, num_heads=6, head_units=384),
 }
-# With --time-budget, a budget with room for more than the default's 14 epochs of the base size buys a
-# larger size first.
+# The default run is an hour's budget, which the slow class fills with the medium size and a fast machine
+# with the large one (RESULTS.md, "Headline"); --epochs trains a fixed number of the base size's instead.
+DEFAULT_TIME_BUDGET = 60.0
+FIXED_EPOCHS = 14
+# With a time budget, a budget with room for more than 14 epochs of the base size buys a larger size first.
 MIN_EPOCHS_PER_SIZE = 14
 # Given far more epochs, the large size learns its training images by heart; CutMix on half of them and
 # stronger label smoothing regularize it. The base size, which does not overfit so, lost with either
@@ -160,7 +163,7 @@ LONG_SCHEDULE = {"cutmix": 0.5, "label_smoothing": 0.2}
 
 
 # The option groups of --help, each named at its first field in Config.
-OPTION_GROUPS = {"dataset": "data and output", "epochs": "training",
+OPTION_GROUPS = {"dataset": "data and output", "time_budget": "training",
                  "model_size": "model (a --model-size sets what the command line leaves open)",
                  "validation_split": "advanced: the rest of the recipe"}
 
@@ -187,9 +190,13 @@ class Config:
                                       "(tensorboard --logdir DIR)", str)
     seed: int = _option(42, "seed for Python, NumPy, TensorFlow, Keras and the input pipeline", int)
     # Training
-    epochs: int = _option(14, "training epochs (ignored with --time-budget)", _positive_int)
-    time_budget: float = _option(0.0, "minutes for the whole run, evaluation included: timed steps fix the "
-                                 "epochs and steps so the schedule ends in time; 0 uses --epochs", _non_negative_float)
+    time_budget: float | None = _option(None, "minutes for the whole run, evaluation included: timed steps fix "
+                                        "the model size, epochs and steps so the schedule ends in time (default: "
+                                        f"{DEFAULT_TIME_BUDGET:g}, unless --epochs is given; 0: train --epochs)",
+                                        _non_negative_float)
+    epochs: int | None = _option(None, "train exactly this many epochs of the base size (or --model-size) instead "
+                                 f"of a time budget (default with --time-budget 0: {FIXED_EPOCHS}; ignored with "
+                                 "a --time-budget above 0)", _positive_int)
     batch_size: int = _option(128, "images per training step and replica; the global batch is this times "
                               "the number of replicas", _positive_int)
     learning_rate: float = _option(2e-3, "peak AdamW learning rate (reached after warm-up) for one replica; "
@@ -252,6 +259,13 @@ class Config:
     head_dropout: float = _option(0.1, "dropout in the fusion head", _rate)
     l2: float = _option(1e-4, "L2 kernel regularization of the fusion head", _non_negative_float)
 
+    def __post_init__(self):
+        # The run's length: the budget by default; epochs given alone train exactly that many.
+        if self.time_budget is None:
+            self.time_budget = 0.0 if self.epochs is not None else DEFAULT_TIME_BUDGET
+        if self.epochs is None:  # with a budget, a placeholder until the time plan fixes the epochs
+            self.epochs = FIXED_EPOCHS
+
 
 PROG = "cifar_hybrid_classifier.py"
 
@@ -303,7 +317,7 @@ def parse_config(argv=None):
     args = vars(parser.parse_args(argv))
     config = Config(**args)
     # A size and a time plan fill in the rest.
-    config.explicit = {name for name in args if name in (*MODEL_SIZES["base"], *LONG_SCHEDULE)}
+    config.explicit = {name for name in args if name in (*MODEL_SIZES["base"], *LONG_SCHEDULE, "time_budget")}
     sizes = [config.model_size] if config.model_size != "auto" else list(MODEL_SIZES) if config.time_budget \
         else ["base"]  # with --time-budget, run() times the sizes and picks one
     errors = {size: architecture_error(apply_model_size(dataclasses.replace(config), size, config.explicit))
@@ -2253,14 +2267,27 @@ def run(config):
     if config.tensorboard:
         check_writable(config.tensorboard, "--tensorboard", is_folder=True)
     strategy = make_strategy(config.distribute)
-    if config.time_budget and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        raise InputError("--time-budget cannot be used with multi-worker training (each worker would time "
-                         "its own steps and plan differently); use --epochs")
+    fit_run_length_to_strategy(config, strategy)
     if config.data is not None and not os.path.exists(config.data):
         raise InputError(f"--data {config.data}: no such file or folder")
     # Only the process that keeps the backup locks it (the other workers keep theirs in a temporary folder).
     with RunLock(config.checkpoint_dir) if is_chief(strategy) else contextlib.nullcontext():
         return train_and_report(config, strategy)
+
+
+def fit_run_length_to_strategy(config, strategy):
+    """A time budget times this process's steps, so the workers of a multi-worker run would each plan a
+    different run: the default budget gives way to the fixed epochs there, a budget asked for is an error."""
+    if not config.time_budget or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return
+    if "time_budget" in getattr(config, "explicit", ()):
+        raise InputError("--time-budget cannot be used with multi-worker training (each worker would time "
+                         "its own steps and plan differently); use --epochs")
+    config.time_budget = 0.0
+    if config.model_size == "auto":
+        apply_model_size(config, "base")
+    print(f"multi-worker training: {config.epochs} epochs of the {config.model_size} size instead of the default "
+          "time budget (each worker would plan its own); --epochs sets them")
 
 
 def train_and_report(config, strategy):

@@ -1,7 +1,7 @@
 """Run the default recipe on the real data and record accuracy against wall time.
 
     python benchmarks/time_to_accuracy.py --data cifar-100-python.tar.gz [--csv time_to_accuracy.csv]
-                                          [any training option, e.g. --seed 1 --time-budget 60]
+                                          [any training option, e.g. --seed 1 --epochs 14]
 
 Writes one CSV row per epoch (epoch, elapsed seconds since start, learning rate,
 train loss, validation top-1) and a final row with the test top-1 and top-5.

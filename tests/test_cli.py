@@ -59,8 +59,9 @@ def test_help_shows_the_options_in_groups_without_empty_defaults():
 
 def test_config_and_command_line_mirror_each_other():
     defaults = chc.parse_config([])
-    # --output gives the backup folder; without --time-budget the size "auto" is the base size
-    assert defaults == chc.Config(checkpoint_dir="cifar_hybrid.backup", model_size="base")
+    # --output gives the backup folder; the default time budget leaves the size to the run's timing
+    assert defaults == chc.Config(checkpoint_dir="cifar_hybrid.backup")
+    assert (defaults.time_budget, defaults.model_size) == (chc.DEFAULT_TIME_BUDGET, "auto")
     assert chc.parse_config(["--output", "runs/a.keras"]).checkpoint_dir == "runs/a.backup"
     help_text = chc.build_arg_parser().format_help()
     for field in chc.dataclasses.fields(chc.Config):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -413,8 +414,36 @@ def test_the_time_plan_gives_the_large_size_the_long_schedule_from_its_own_timed
 def test_a_named_size_sets_only_the_architecture_options_left_open():
     config = chc.parse_config(["--model-size", "large", "--depth", "1"])
     assert (config.model_size, config.depth, config.stem_width) == ("large", 1, 48)
-    assert chc.parse_config([]).model_size == "base"  # no budget: the default recipe
+    assert chc.parse_config(["--epochs", "14"]).model_size == "base"  # no budget: the fixed epochs' size
     assert chc.Config().stem_width == chc.MODEL_SIZES["base"]["stem_width"]
+
+
+@pytest.mark.parametrize("argv, budget, epochs", [
+    ([], chc.DEFAULT_TIME_BUDGET, chc.FIXED_EPOCHS),  # the default: an hour, which the plan fills
+    (["--epochs", "5"], 0.0, 5),  # epochs alone: exactly that many, no budget
+    (["--time-budget", "0"], 0.0, chc.FIXED_EPOCHS),
+    (["--time-budget", "30"], 30.0, chc.FIXED_EPOCHS),
+    (["--time-budget", "30", "--epochs", "5"], 30.0, 5),  # a budget given wins, as --help says
+])
+def test_the_run_length_is_a_time_budget_unless_epochs_are_given(argv, budget, epochs):
+    config = chc.parse_config(argv)
+    assert (config.time_budget, config.epochs) == (budget, epochs)
+    assert config.model_size == ("auto" if budget else "base")
+    assert (chc.Config(epochs=epochs).time_budget, chc.Config().time_budget) == (0.0, chc.DEFAULT_TIME_BUDGET)
+
+
+def test_multi_worker_training_trains_fixed_epochs_unless_a_budget_is_asked_for(capsys):
+    import tensorflow as tf
+    multi_worker = mock.Mock(spec=tf.distribute.MultiWorkerMirroredStrategy)
+    config = chc.parse_config([])  # the default budget: each worker would plan its own run
+    chc.fit_run_length_to_strategy(config, multi_worker)
+    assert (config.time_budget, config.epochs, config.model_size) == (0.0, chc.FIXED_EPOCHS, "base")
+    assert "instead of the default time budget" in capsys.readouterr().out
+    with pytest.raises(chc.InputError, match="--time-budget cannot be used with multi-worker"):
+        chc.fit_run_length_to_strategy(chc.parse_config(["--time-budget", "60"]), multi_worker)
+    alone = chc.parse_config([])
+    chc.fit_run_length_to_strategy(alone, tf.distribute.get_strategy())
+    assert alone.time_budget == chc.DEFAULT_TIME_BUDGET
 
 
 def test_time_training_step_measures_a_real_step():
