@@ -1,12 +1,13 @@
 """Train a hybrid CNN + Vision Transformer on CIFAR-100 from scratch.
 
-The default (base size, 14 epochs) reaches 68.8 and 69.0 % test top-1 with test-time augmentation
-(66.8 and 67.1 % plain; seeds 42 and 43) in 49 and 45 minutes on a 2-core AMD EPYC (Zen 3) with AVX2
-and no GPU, and `--time-budget 60` 71.7 and 71.1 % there in an hour; on a 2-core AMD EPYC (Zen 5) in
-bfloat16 the hour reaches 74.7 and 74.4 % (72.6 and 72.4 % plain). Commands, machines and the rest of
-the figures: RESULTS.md.
+The default run fits itself into an hour on the machine that runs it. On a 2-core AMD EPYC (Zen 3) with
+AVX2 and no GPU it trains the medium size and reaches 71.7 and 71.4 % test top-1 with test-time
+augmentation (69.4 and 68.7 % plain; seeds 42 and 43) in 58 and 57 minutes; on a 2-core AMD EPYC
+(Zen 5) in bfloat16 it trains the large size, 74.7 and 74.4 % (72.6 and 72.4 % plain). `--epochs 14`
+trains 14 epochs of the base size: 68.8 and 69.0 % on that Zen 3 in 49 and 45 minutes. Commands,
+machines and the rest of the figures: RESULTS.md.
 
-    python cifar_hybrid_classifier.py                       # download via Keras, train, report, save
+    python cifar_hybrid_classifier.py                       # download via Keras, train an hour, report, save
     python cifar_hybrid_classifier.py --data cifar-100-python.tar.gz --epochs 1
     python cifar_hybrid_classifier.py predict photo.jpg         # top-5 classes (before training: models/)
     python cifar_hybrid_classifier.py explain photo.jpg         # what the model looks at, as a picture
@@ -210,9 +211,9 @@ class Config:
     tta: bool = _option(True, "test-time augmentation in the final evaluation: average the predictions for "
                         "each image, its mirror image, and both shifted one pixel diagonally each way")
     # Model
-    model_size: str = _option("auto", "small, base, medium or large (RESULTS.md, \"Model sizes\"); auto: base, or "
-                              "with --time-budget the largest size this machine trains for at least "
-                              f"{MIN_EPOCHS_PER_SIZE} epochs in the budget", str, choices=("auto", *MODEL_SIZES))
+    model_size: str = _option("auto", "small, base, medium or large (RESULTS.md, \"Model sizes\"); auto: the "
+                              f"largest size this machine trains for at least {MIN_EPOCHS_PER_SIZE} epochs in the "
+                              "time budget, or base with --epochs", str, choices=("auto", *MODEL_SIZES))
     stem_width: int = _option(32, "channels of the convolutional stem both branches read (32x32 image to a "
                               "16x16 feature map)", _positive_int)
     cnn_widths: tuple = _option((128, 256), "channels of the CNN branch's stages after the stem; each stage "
@@ -224,7 +225,7 @@ class Config:
     num_heads: int = _option(4, "attention heads; must divide --embed-dim", _positive_int)
     head_units: int = _option(256, "width of the fusion head's hidden layer", _positive_int)
     branches: str = _option("both", "which branches feed the fusion head; cnn alone trains faster and beat "
-                            "the hybrid at equal time, in the default's 14 epochs and in an hour (RESULTS.md, "
+                            "the hybrid at equal time, in 14 epochs' time and in an hour (RESULTS.md, "
                             "\"Branch ablation\")", str,
                             choices=("both", "cnn", "vit"))
     # Advanced
