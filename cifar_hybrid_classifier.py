@@ -320,7 +320,7 @@ def parse_config(argv=None):
     # A size and a time plan fill in the rest.
     config.explicit = {name for name in args if name in (*MODEL_SIZES["base"], *LONG_SCHEDULE, "time_budget")}
     sizes = [config.model_size] if config.model_size != "auto" else list(MODEL_SIZES) if config.time_budget \
-        else ["base"]  # with --time-budget, run() times the sizes and picks one
+        else ["base"]  # with a time budget (the default), run() times the sizes and picks one
     errors = {size: architecture_error(apply_model_size(dataclasses.replace(config), size, config.explicit))
               for size in sizes}
     config.sizes = [size for size in sizes if errors[size] is None]
