@@ -363,7 +363,7 @@ def test_time_budget_times_a_near_miss_again_and_keeps_the_faster_timing(monkeyp
     steps = 45000 // 128
     for medium_timings, expected, timed in [((0.75, 0.65), "medium", 2), ((0.75, 0.70), "base", 2),
                                             ((1.0, 0.5), "base", 1), ((0.65, 0.5), "medium", 1)]:
-        calls = {"small": iter([0.3]), "base": iter([0.45]), "medium": iter(medium_timings), "large": iter([0.6])}
+        calls = {"small": iter([0.3]), "base": iter([0.45]), "medium": iter(medium_timings)}
         monkeypatch.setattr(chc, "time_training_step", lambda config: next(calls[config.model_size]))
         config = chc.parse_config(["--time-budget", "60", "--fresh"])
         config.sizes = ["small", "base", "medium"]
