@@ -1707,9 +1707,9 @@ def check_free_space(config, parameters):
 def choose_model_size(config, seconds, train_images):
     """--time-budget with --model-size auto: the largest size that trains `MIN_EPOCHS_PER_SIZE` epochs, from a
     few timed steps of each size, smallest first (at most about 5 % of the budget; a near miss is timed twice, and
-    the faster timing counts); a resumed run keeps its size, CutMix and label smoothing. Whether the large size gets the long schedule's regularization
-    (`LONG_SCHEDULE`) the time plan decides (`TimePlan.measure`): it times real steps, where this timing of
-    a few steps can catch a slow minute of a shared machine."""
+    the faster timing counts); a resumed run keeps its size, CutMix and label smoothing. Whether the large
+    size gets the long schedule's regularization (`LONG_SCHEDULE`) the time plan decides (`TimePlan.measure`):
+    it times real steps, where this timing of a few steps can catch a slow minute of a shared machine."""
 
     path = None if config.fresh else tf.train.latest_checkpoint(config.checkpoint_dir)
     explicit = getattr(config, "explicit", set())
