@@ -1,4 +1,4 @@
-"""The whole program as a user runs it, and the saved model in a fresh process."""
+"""The whole program as a user runs it. (A saved model in a fresh process: test_shipped_model.py.)"""
 
 import csv
 import json
@@ -8,7 +8,6 @@ import platform
 import re
 import subprocess
 import sys
-import textwrap
 import time
 from unittest import mock
 
@@ -103,36 +102,6 @@ def test_script_trains_hundreds_of_steps_with_flat_threads_and_memory_then_repor
     assert {"learning_rate", "train_loss", "train_accuracy", "val_loss", "val_accuracy"} <= set(scalars)
     assert [step for step, _ in scalars["val_accuracy"]] == [1, 2, 3, 4]
     assert scalars["val_accuracy"][3][1] == pytest.approx(float(history[3]["val_accuracy"]), abs=1e-6)
-
-
-RELOAD = textwrap.dedent("""
-    import sys
-    import numpy as np
-    import keras
-    import cifar_hybrid_classifier  # registers the custom layers
-    model = keras.models.load_model(sys.argv[1])  # safe_mode stays on
-    np.save(sys.argv[3], model.predict(np.load(sys.argv[2]), verbose=0))
-""")
-
-
-def test_saved_model_reloads_in_a_fresh_process_with_equal_predictions(tmp_path):
-    model = chc.build_model(chc.parse_config(TINY_ARGS))
-    # Every weight moved off its initial value (batch-norm statistics included), so a weight that the
-    # file lost or a layer that rebuilt itself on loading would change the predictions (by over 5e-4 for
-    # each weight but the attention's key bias, which softmax ignores).
-    rng = np.random.default_rng(0)
-    model.set_weights([w + rng.normal(0, 0.1, w.shape).astype(w.dtype) for w in model.get_weights()])
-    batch = np.random.default_rng(1).integers(0, 256, size=(16, 32, 32, 3), dtype=np.uint8)
-    expected = model.predict(batch, verbose=0)
-
-    path, inputs, outputs = tmp_path / "m.keras", tmp_path / "batch.npy", tmp_path / "probs.npy"
-    chc.save_model_atomically(model, str(path))
-    np.save(inputs, batch)
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    result = subprocess.run([sys.executable, "-c", RELOAD, str(path), str(inputs), str(outputs)],
-                            capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    np.testing.assert_allclose(np.load(outputs), expected, atol=1e-5)
 
 
 def test_training_learns_and_keeps_the_best_weights(cifar_folder):

@@ -1,5 +1,5 @@
-"""The trained model that ships in models/: it loads as it did, its provenance describes this very file, and the
-commands that use a model fall back to it."""
+"""The trained model that ships in models/: it loads as it did (in a fresh process, beside a model saved
+now), its provenance describes this very file, and the commands that use a model fall back to it."""
 
 import hashlib
 import json
@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 import cifar_hybrid_classifier as chc
-from conftest import ROOT
+from conftest import ROOT, TINY_ARGS
 
 PROVENANCE = os.path.splitext(chc.SHIPPED_MODEL)[0] + ".json"
 STORED_PROBS = os.path.join(ROOT, "tests", "data", "shipped_model_probs.npy")
@@ -28,26 +28,41 @@ def fixed_images():
     return np.concatenate([noise, np.stack(fields)]).astype(np.uint8)
 
 
+# One interpreter for both models below: TensorFlow's start costs seconds. Each model is loaded as a
+# user's code would load it, with safe_mode on; the script is imported only to register its layers.
 FRESH_PROCESS_PREDICT = textwrap.dedent("""
     import sys
     import numpy as np
     import keras
     import cifar_hybrid_classifier  # registers the layers
-    model = keras.models.load_model(sys.argv[1], safe_mode=True)
-    np.save(sys.argv[3], keras.ops.convert_to_numpy(model.predict(np.load(sys.argv[2]), verbose=0)))
+    for model_path, images, probs in zip(*[iter(sys.argv[1:])] * 3):
+        model = keras.models.load_model(model_path, safe_mode=True)
+        np.save(probs, keras.ops.convert_to_numpy(model.predict(np.load(images), verbose=0)))
 """)
 
 
-def test_the_shipped_model_loads_in_a_fresh_process_and_predicts_as_it_did(tmp_path):
-    """Its probabilities on fixed images were stored when it was trained: a change to a layer that breaks the
-    saved model, or a replaced file, fails here."""
+def test_a_model_saved_now_and_the_shipped_model_load_in_a_fresh_process_and_predict_as_they_did(tmp_path):
+    # A model saved here, every weight moved off its initial value (batch-norm statistics included), so a
+    # weight that the file lost or a layer that rebuilt itself on loading would change the predictions (by
+    # over 5e-4 for each weight but the attention's key bias, which softmax ignores).
+    model = chc.build_model(chc.parse_config(TINY_ARGS))
+    rng = np.random.default_rng(0)
+    model.set_weights([w + rng.normal(0, 0.1, w.shape).astype(w.dtype) for w in model.get_weights()])
+    batch = np.random.default_rng(1).integers(0, 256, size=(16, 32, 32, 3), dtype=np.uint8)
+    expected = model.predict(batch, verbose=0)
+    chc.save_model_atomically(model, str(tmp_path / "m.keras"))
+    np.save(tmp_path / "batch.npy", batch)
+    # The shipped model's probabilities on fixed images were stored when it was trained: a change to a
+    # layer that breaks the saved model, or a replaced file, fails here.
     np.save(tmp_path / "images.npy", fixed_images())
     env = {**os.environ, "PYTHONPATH": ROOT}
-    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS_PREDICT, chc.SHIPPED_MODEL,
-                             str(tmp_path / "images.npy"), str(tmp_path / "probs.npy")],
+    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS_PREDICT,
+                             str(tmp_path / "m.keras"), str(tmp_path / "batch.npy"), str(tmp_path / "saved.npy"),
+                             chc.SHIPPED_MODEL, str(tmp_path / "images.npy"), str(tmp_path / "shipped.npy")],
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    probs, stored = np.load(tmp_path / "probs.npy"), np.load(STORED_PROBS)
+    np.testing.assert_allclose(np.load(tmp_path / "saved.npy"), expected, atol=1e-5)
+    probs, stored = np.load(tmp_path / "shipped.npy"), np.load(STORED_PROBS)
     np.testing.assert_array_equal(probs.argmax(-1), stored.argmax(-1))
     np.testing.assert_allclose(probs, stored, atol=1e-4)
 
