@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -249,20 +250,23 @@ def run_two_workers(tmp_path, args, name, act=None):
 LOST_PEER_SECONDS = 60
 
 
-def signal_worker_after(text, worker, signum):
-    """An `act` for `run_two_workers`: send `signum` to `worker` once the chief's log shows `text` (it
-    logs an epoch after backing it up), and kill it once the other has exited. Returns the act and a
-    dict that gets the time the signal went."""
-    sent = {}
+def freeze_the_chief_then_continue_it(text):
+    """An `act` for `run_two_workers`: freeze the chief (SIGSTOP) once its log shows `text` (it logs an
+    epoch after backing it up), and continue it (SIGCONT) once worker 1 has ended, so that it finds its peer
+    gone; kill it if it outlives the bound. Returns the act and a dict that gets the times of both signals."""
+    at = {}
 
     def act(texts, procs):
-        other = procs[1 - worker]
-        if "at" not in sent and text in texts[0]:
-            procs[worker].send_signal(signum)
-            sent["at"] = time.time()
-        if "at" in sent and other.poll() is not None and procs[worker].poll() is None:
-            procs[worker].kill()  # a frozen worker waits for ever: end it once the other noticed
-    return act, sent
+        chief, worker = procs
+        if "frozen" not in at and text in texts[0]:
+            chief.send_signal(signal.SIGSTOP)
+            at["frozen"] = time.time()
+        if "frozen" in at and "continued" not in at and worker.poll() is not None:
+            chief.send_signal(signal.SIGCONT)
+            at["continued"] = time.time()
+        if "continued" in at and chief.poll() is None and time.time() - at["continued"] > LOST_PEER_SECONDS:
+            chief.kill()
+    return act, at
 
 
 def assert_a_lost_peer_ended_the_run(log, seconds):
