@@ -132,10 +132,12 @@ def test_mixed_precision_model_exports_in_float32(cifar_folder):
 
 class VirtualClock:
     """The trainer's `time` module in a test: the clock moves only when the trainer trains a step or runs a
-    validation pass, each at a fixed cost, so a time plan comes out the same on a busy machine."""
+    validation pass, each at a fixed cost, so a time plan comes out the same on a busy machine. With
+    `compute=False` the steps and passes only cost time: for a test of the plan alone, no graph to trace."""
 
-    def __init__(self, step_seconds, pass_seconds):
+    def __init__(self, step_seconds, pass_seconds, compute=True):
         self.now, self.step_seconds, self.pass_seconds = 1000.0, step_seconds, pass_seconds
+        self.compute = compute
 
     def time(self):
         return self.now
@@ -152,12 +154,12 @@ class VirtualClock:
 
             def costly_step(*args):
                 self.now += self.step_seconds
-                return step(*args)
+                return step(*args) if self.compute else (0.0, 0.0)
             trainer._train_step = costly_step
 
         def costly_predict(trainer, pipeline):
             self.now += self.pass_seconds
-            return predict(trainer, pipeline)
+            return predict(trainer, pipeline) if self.compute else None
         monkeypatch.setattr(chc.Trainer, "_prepare_training", prepare_with_costly_steps)
         monkeypatch.setattr(chc.Trainer, "predict", costly_predict)
 
@@ -182,7 +184,8 @@ def test_time_budget_plans_whole_epochs_and_restores_the_initial_weights(cifar_f
     assert history[-1]["learning_rate"] < 1e-6  # the cosine decay ran to its end
 
 
-def test_time_budget_too_small_is_a_clear_error(cifar_folder):
+def test_time_budget_too_small_is_a_clear_error(cifar_folder, monkeypatch):
+    VirtualClock(step_seconds=1.0, pass_seconds=2.0, compute=False).install(monkeypatch)
     config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS])
     trainer = chc.Trainer(config, chc.load_cifar(cifar_folder), log=lambda *_: None)
     with pytest.raises(chc.InputError, match="no time to train"):
@@ -386,7 +389,7 @@ def test_the_time_plan_gives_the_large_size_the_long_schedule_from_its_own_timed
         chc.choose_model_size(config, 3600, 45000)
         assert config.model_size == "large" and (config.cutmix, config.label_smoothing) == (0.0, 0.1)
         with monkeypatch.context() as patched:
-            VirtualClock(step_seconds=1.0, pass_seconds=2.0).install(patched)
+            VirtualClock(step_seconds=1.0, pass_seconds=2.0, compute=False).install(patched)
             trainer = chc.Trainer(config, data, log=lambda *_: None)
             trainer.plan_time_budget(seconds=budget, test_images=200)
         assert (trainer.epochs >= chc.LONG_SCHEDULE_FROM_EPOCHS) == (budget == 400)
