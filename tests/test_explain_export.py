@@ -4,10 +4,8 @@ import errno
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import textwrap
 
 import numpy as np
 import pytest
@@ -92,28 +90,7 @@ def test_attention_rollout_of_hand_made_attention():
     np.testing.assert_allclose(chc.attention_rollout([focused]), [[[0, 0], [1, 0]]])
 
 
-def test_export_agrees_with_keras_in_a_fresh_process(tmp_path, model_path, capsys):
-    assert chc.main(["export", "--model", model_path, "--output", str(tmp_path / "served")]) == 0
-    out = capsys.readouterr().out
-    assert "savedmodel: max difference" in out and "tflite: max difference" in out
-    assert sorted(os.listdir(tmp_path)) == ["served.savedmodel", "served.tflite"]  # no temporary left behind
-    images = np.random.default_rng(1).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
-    np.save(tmp_path / "images.npy", images)
-    expected = chc.load_model(model_path).predict(images.astype(np.float32), verbose=0)
-    script = textwrap.dedent(f"""
-        import numpy as np, tensorflow as tf
-        images = np.load({str(tmp_path / "images.npy")!r})
-        served = tf.saved_model.load({str(tmp_path / "served.savedmodel")!r})
-        interpreter = tf.lite.Interpreter(model_path={str(tmp_path / "served.tflite")!r})
-        runner = interpreter.get_signature_runner("serve_uint8")
-        np.save({str(tmp_path / "savedmodel.npy")!r}, served.serve_uint8(tf.constant(images)).numpy())
-        np.save({str(tmp_path / "float.npy")!r}, served.serve(tf.constant(images, tf.float32)).numpy())
-        np.save({str(tmp_path / "tflite.npy")!r}, runner(images=images)["output_0"])
-    """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("savedmodel", "float", "tflite"):
-        np.testing.assert_allclose(np.load(tmp_path / f"{name}.npy"), expected, atol=1e-4, err_msg=name)
+# A model's exports loaded in a fresh process: test_shipped_model.py.
 
 
 def test_export_errors_are_one_line(tmp_path, model_path, capsys, monkeypatch):

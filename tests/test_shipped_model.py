@@ -1,5 +1,6 @@
 """The trained model that ships in models/: it loads as it did (in a fresh process, beside a model saved
-now), its provenance describes this very file, and the commands that use a model fall back to it."""
+now and that model's exports), its provenance describes this very file, and the commands that use a model
+fall back to it."""
 
 import hashlib
 import json
@@ -28,20 +29,29 @@ def fixed_images():
     return np.concatenate([noise, np.stack(fields)]).astype(np.uint8)
 
 
-# One interpreter for both models below: TensorFlow's start costs seconds. Each model is loaded as a
-# user's code would load it, with safe_mode on; the script is imported only to register its layers.
+# One interpreter for everything below: TensorFlow's start costs seconds. The exports load first, before
+# anything imports the script (serving needs none of its code); then each Keras model loads as a user's code
+# would load it, with safe_mode on, the script imported only to register its layers.
 FRESH_PROCESS_PREDICT = textwrap.dedent("""
     import sys
     import numpy as np
+    import tensorflow as tf
+    savedmodel, tflite, images, exported = sys.argv[1:5]
+    images = np.load(images)
+    served = tf.saved_model.load(savedmodel)
+    runner = tf.lite.Interpreter(model_path=tflite).get_signature_runner("serve_uint8")
+    np.savez(exported, savedmodel=served.serve_uint8(tf.constant(images)).numpy(),
+             float=served.serve(tf.constant(images, tf.float32)).numpy(), tflite=runner(images=images)["output_0"])
     import keras
     import cifar_hybrid_classifier  # registers the layers
-    for model_path, images, probs in zip(*[iter(sys.argv[1:])] * 3):
+    for model_path, images, probs in zip(*[iter(sys.argv[5:])] * 3):
         model = keras.models.load_model(model_path, safe_mode=True)
         np.save(probs, keras.ops.convert_to_numpy(model.predict(np.load(images), verbose=0)))
 """)
 
 
-def test_a_model_saved_now_and_the_shipped_model_load_in_a_fresh_process_and_predict_as_they_did(tmp_path):
+def test_a_model_saved_now_its_exports_and_the_shipped_model_load_in_a_fresh_process_and_predict_as_they_did(
+        tmp_path, capsys):
     # A model saved here, every weight moved off its initial value (batch-norm statistics included), so a
     # weight that the file lost or a layer that rebuilt itself on loading would change the predictions (by
     # over 5e-4 for each weight but the attention's key bias, which softmax ignores).
@@ -52,16 +62,25 @@ def test_a_model_saved_now_and_the_shipped_model_load_in_a_fresh_process_and_pre
     expected = model.predict(batch, verbose=0)
     chc.save_model_atomically(model, str(tmp_path / "m.keras"))
     np.save(tmp_path / "batch.npy", batch)
+    # Its exports, each checked against it by the command before it is moved into place.
+    assert chc.main(["export", "--model", str(tmp_path / "m.keras"), "--output", str(tmp_path / "served")]) == 0
+    out = capsys.readouterr().out
+    assert "savedmodel: max difference" in out and "tflite: max difference" in out
+    assert sorted(os.listdir(tmp_path)) == ["batch.npy", "m.keras", "served.savedmodel", "served.tflite"]
     # The shipped model's probabilities on fixed images were stored when it was trained: a change to a
     # layer that breaks the saved model, or a replaced file, fails here.
     np.save(tmp_path / "images.npy", fixed_images())
     env = {**os.environ, "PYTHONPATH": ROOT}
-    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS_PREDICT,
+    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS_PREDICT, str(tmp_path / "served.savedmodel"),
+                             str(tmp_path / "served.tflite"), str(tmp_path / "batch.npy"), str(tmp_path / "served.npz"),
                              str(tmp_path / "m.keras"), str(tmp_path / "batch.npy"), str(tmp_path / "saved.npy"),
                              chc.SHIPPED_MODEL, str(tmp_path / "images.npy"), str(tmp_path / "shipped.npy")],
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     np.testing.assert_allclose(np.load(tmp_path / "saved.npy"), expected, atol=1e-5)
+    served = np.load(tmp_path / "served.npz")
+    for name in ("savedmodel", "float", "tflite"):
+        np.testing.assert_allclose(served[name], expected, atol=1e-4, err_msg=name)
     probs, stored = np.load(tmp_path / "shipped.npy"), np.load(STORED_PROBS)
     np.testing.assert_array_equal(probs.argmax(-1), stored.argmax(-1))
     np.testing.assert_allclose(probs, stored, atol=1e-4)
