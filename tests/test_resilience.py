@@ -147,32 +147,33 @@ def test_a_signal_backs_up_mid_epoch_kill_9_keeps_the_last_epoch_and_both_resume
     assert output.is_file() and not (tmp_path / "cifar_hybrid.backup").exists()
 
 
-def test_stop_mid_epoch_resumes_at_the_next_batch(tmp_path, slow_folder):
-    config = chc.parse_config(["--data", slow_folder, *FOUR_EPOCHS, "--epochs", "2", "--checkpoint-dir",
+def test_stop_mid_epoch_resumes_at_the_next_batch(tmp_path, cifar_folder):
+    config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS, "--epochs", "2", "--checkpoint-dir",
                                str(tmp_path / "b")])
-    data = chc.load_cifar(slow_folder)
+    data = chc.load_cifar(cifar_folder)
     chc.set_seeds(config.seed)
     trainer = chc.Trainer(config, data, log=lambda *_: None)
+    assert trainer.steps_per_epoch == 9
     step = trainer._train_step
 
-    def stop_at_step_45(images, labels):
+    def stop_at_step_12(images, labels):
         result = step(images, labels)
-        if trainer.global_step() == 45:
+        if trainer.global_step() == 12:
             trainer.request_stop(signal.SIGINT)
         return result
 
-    trainer._train_step = stop_at_step_45
+    trainer._train_step = stop_at_step_12
     with pytest.raises(chc.TrainingInterrupted) as stopped:
         trainer.fit()
     assert stopped.value.exit_code == 130
 
     resumed = chc.Trainer(config, data, log=lambda *_: None)
     assert resumed.resume()
-    assert (resumed.start_epoch, resumed.start_step, resumed.global_step()) == (1, 8, 45)
-    assert resumed.learning_rate() == pytest.approx(float(resumed.schedule(45)))
+    assert (resumed.start_epoch, resumed.start_step, resumed.global_step()) == (1, 3, 12)
+    assert resumed.learning_rate() == pytest.approx(float(resumed.schedule(12)))
     resumed.fit()
     assert [h["epoch"] for h in resumed.history] == [1, 2]
-    assert resumed.global_step() == 2 * 37
+    assert resumed.global_step() == 2 * 9
 
 
 DIES_WHILE_SAVING = textwrap.dedent("""
@@ -199,21 +200,21 @@ def test_interrupted_save_leaves_the_previous_model_loadable(tmp_path):
     assert chc.load_model(str(path)).count_params() > 0
 
 
-def test_nan_loss_stops_with_exit_3_and_keeps_earlier_files(tmp_path, slow_folder, monkeypatch, capsys):
+def test_nan_loss_stops_with_exit_3_and_keeps_earlier_files(tmp_path, cifar_folder, monkeypatch, capsys):
     output = tmp_path / "m.keras"
     output.write_bytes(b"an earlier model")
-    args = ["--data", slow_folder, *FOUR_EPOCHS, "--output", str(output)]
+    args = ["--data", cifar_folder, *FOUR_EPOCHS, "--output", str(output)]
     step = chc.Trainer._distributed_train_step
 
-    def poisoned(self, images, labels):  # 37 steps per epoch: step 50 is in epoch 2
+    def poisoned(self, images, labels):  # 9 steps per epoch: step 12 is in epoch 2
         loss, correct = step(self, images, labels)
-        return tf.where(self.optimizer.iterations >= 50, float("nan"), loss), correct
+        return tf.where(self.optimizer.iterations >= 12, float("nan"), loss), correct
 
     with monkeypatch.context() as m:
         m.setattr(chc.Trainer, "_distributed_train_step", poisoned)
-        assert "epoch 2, batch 13" in main_error(args, capsys, code=3)
+        assert "epoch 2, batch 3" in main_error(args, capsys, code=3)
     assert output.read_bytes() == b"an earlier model"
-    trainer = chc.Trainer(chc.parse_config(args), chc.load_cifar(slow_folder), log=lambda *_: None)
+    trainer = chc.Trainer(chc.parse_config(args), chc.load_cifar(cifar_folder), log=lambda *_: None)
     assert trainer.resume() and (trainer.start_epoch, trainer.start_step) == (1, 0)  # the epoch-1 backup is intact
 
 
