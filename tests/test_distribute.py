@@ -89,7 +89,6 @@ def test_one_mirrored_step_equals_one_single_device_step_and_the_mirrored_model_
         np.testing.assert_allclose(mirrored, single, atol=1e-5)
 
 
-
 def test_two_workers_end_in_one_line_when_a_peer_freezes_or_dies_and_a_rerun_resumes_with_flat_threads(tmp_path):
     # Every worker restores from the chief's backup folder: here a path both can read.
     soak_folder = write_soak_folder(str(tmp_path / "data"))

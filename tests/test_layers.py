@@ -78,7 +78,6 @@ def test_transformer_block_shape_and_residual():
     np.testing.assert_allclose(np.asarray(block(tokens)), tokens, atol=1e-6)
 
 
-
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
 def test_transformer_block_attention_is_keras_multi_head_attention(policy):
     # The block computes attention from the Keras layer's variables in its own way (faster on a CPU); it must
