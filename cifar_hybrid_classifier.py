@@ -126,7 +126,6 @@ def _checked(convert, ok, requirement):
 _positive_int = _checked(int, lambda v: v >= 1, "an integer >= 1")
 _positive_float = _checked(float, lambda v: 0 < v < math.inf, "a number > 0")
 _non_negative_float = _checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
-_open_fraction = _checked(float, lambda v: 0 < v < 1, "strictly between 0 and 1")
 _rate = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
@@ -231,7 +230,8 @@ class Config:
                             choices=("both", "cnn", "vit"))
     # Advanced
     validation_split: float = _option(0.1, "fraction of the training set held out, stratified, for model "
-                                      "selection", _open_fraction)
+                                      "selection; 0: a final fit on every training image, no validation, the "
+                                      "last epoch's weights kept", _rate)
     weight_decay: float = _option(0.05, "AdamW decoupled weight decay (not applied to biases, norms, "
                                   "CLS token and position embeddings)", _non_negative_float)
     warmup_fraction: float = _option(0.1, "fraction of all steps spent in linear learning-rate warm-up "
@@ -1247,7 +1247,8 @@ class Trainer:
         self.train_pipeline = AugmentationPipeline(self.x_train, self.y_train, self.global_batch, config.seed,
                                                    config.crop_padding, config.flip, config.cutmix,
                                                    DATASETS[config.dataset]["classes"])
-        self.val_pipeline = AugmentationPipeline(self.x_val, self.y_val, config.batch_size)
+        self.val_pipeline = AugmentationPipeline(self.x_val, self.y_val, config.batch_size) \
+            if len(self.y_val) else None
         self.steps_per_epoch = self.train_pipeline.steps_per_epoch()
         if self.steps_per_epoch < 1:
             raise InputError(f"{len(self.train_pipeline)} training images are fewer than one global batch of "
@@ -1305,6 +1306,10 @@ class Trainer:
     def _split(self):
         from sklearn.model_selection import train_test_split
         c, d = self.config, self.data
+        if not c.validation_split:  # a final fit, once the recipe is chosen: every image trains
+            self.x_train, self.y_train = d.x_train, d.y_train
+            self.x_val, self.y_val = d.x_train[:0], d.y_train[:0]
+            return
         try:
             train_idx, val_idx = train_test_split(np.arange(len(d.y_train)), test_size=c.validation_split,
                                                   stratify=d.y_train, random_state=c.seed)
@@ -1385,28 +1390,30 @@ class Trainer:
                     self.backup.save(epoch, step, (loss_sum, correct, seen))
                     self.check_stop()
             train_seconds = time.time() - start
-            probs = self.predict(self.val_pipeline)
-            val_accuracy = float(np.mean(probs.argmax(-1) == self.y_val))
-            record = {"epoch": epoch + 1, "seconds": time.time() - start, "elapsed": time.time() - self.started,
-                      "learning_rate": self.learning_rate(), "train_loss": loss_sum / max(step, 1),
-                      "train_accuracy": correct / max(seen, 1),
-                      "val_loss": float(-np.mean(np.log(probs[np.arange(len(probs)), self.y_val] + 1e-12))),
-                      "val_accuracy": val_accuracy}
+            record = {"epoch": epoch + 1, "learning_rate": self.learning_rate(),
+                      "train_loss": loss_sum / max(step, 1), "train_accuracy": correct / max(seen, 1)}
+            validated = ""
+            if self.val_pipeline is not None:
+                probs = self.predict(self.val_pipeline)
+                record["val_accuracy"] = float(np.mean(probs.argmax(-1) == self.y_val))
+                record["val_loss"] = float(-np.mean(np.log(probs[np.arange(len(probs)), self.y_val] + 1e-12)))
+                improved = record["val_accuracy"] > self.best_accuracy
+                if improved:
+                    self.best_accuracy = record["val_accuracy"]
+                    for best, weight in zip(self.best_weights, self.model.weights):
+                        best.assign(weight)
+                validated = f"  val {100 * record['val_accuracy']:.2f}%{' (best)' * improved}"
+            record.update(seconds=time.time() - start, elapsed=time.time() - self.started)
             self.history.append(record)
             self._log_to_tensorboard(record)
-            improved = val_accuracy > self.best_accuracy
-            if improved:
-                self.best_accuracy = val_accuracy
-                for best, weight in zip(self.best_weights, self.model.weights):
-                    best.assign(weight)
             self.backup.save(epoch + 1, 0)
             self.log(f"epoch {epoch + 1}/{self.epochs}  loss {record['train_loss']:.3f}  train "
-                     f"{100 * record['train_accuracy']:.1f}%  val {100 * val_accuracy:.2f}%{' (best)' * improved}  "
+                     f"{100 * record['train_accuracy']:.1f}%{validated}  "
                      f"lr {record['learning_rate']:.2e}  {record['seconds']:.0f}s")
             self.check_stop()
             if self.time_plan is not None and epoch + 1 < self.epochs:
                 self.time_plan.replan(self.epochs - epoch - 1, train_seconds, time.time() - start - train_seconds)
-        if self.history and self.best_accuracy > self.history[-1]["val_accuracy"]:
+        if self.val_pipeline is not None and self.history and self.best_accuracy > self.history[-1]["val_accuracy"]:
             self.log(f"restoring the best-validation weights ({100 * self.best_accuracy:.2f}%)")
             self.model.set_weights([w.numpy() for w in self.best_weights])
         return self.history
@@ -1551,10 +1558,16 @@ class TimePlan:
         times = [seconds_of(lambda: float(t._train_step(*next(batches))[0])) for _ in range(min(13, t.steps_per_epoch))]
         compile_seconds = times[0]
         step_seconds = float(np.median(times[1:])) if len(times) > 1 else compile_seconds
-        t.predict(t.val_pipeline)  # the first pass also traces the function: time the second
-        val_seconds = seconds_of(lambda: t.predict(t.val_pipeline))
+        # An evaluation pass over the validation images (without them, as many training images) times
+        # the validation after every epoch and the final passes over validation and test images.
+        validating = t.val_pipeline is not None
+        probe = t.val_pipeline if validating else \
+            AugmentationPipeline(t.x_train[:5000], t.y_train[:5000], t.config.batch_size)
+        t.predict(probe)  # the first pass also traces the function: time the second
+        probe_seconds = seconds_of(lambda: t.predict(probe))
+        val_seconds = probe_seconds if validating else 0.0
         passes = 2 * len(TTA_VIEWS) if t.config.tta else 1
-        test_seconds = passes * val_seconds * (1 + test_images / max(1, len(t.val_pipeline))) + 5.0
+        test_seconds = passes * probe_seconds * (len(t.y_val) + test_images) / max(1, len(probe)) + 5.0
         # 5% margin; the compile is paid again because the real plan gets a fresh step function.
         left = 0.95 * seconds - (time.time() - planning_started) - compile_seconds - test_seconds
         full = t.train_pipeline.steps_per_epoch()
@@ -1810,12 +1823,13 @@ def evaluate_on_test_set(trainer, model, data, started):
     def plain_and_tta(images):
         return predict_probabilities(model, images, tta=config.tta, with_plain=True)
 
-    if config.tta:  # evidence for test-time augmentation comes from validation data, never the test set
+    augmented = None
+    if config.tta and len(trainer.y_val):  # evidence for TTA comes from validation data, never the test set
         plain, augmented = (float(np.mean(p.argmax(-1) == trainer.y_val)) for p in plain_and_tta(trainer.x_val))
         print(f"validation top-1 {100 * plain:.2f}% plain, {100 * augmented:.2f}% with TTA")
     plain, probs = plain_and_tta(data.x_test)
     results = evaluate(probs, data.y_test, data.fine_names, data.fine_to_coarse(), data.coarse_test)
-    results["validation_top1_with_tta"] = augmented if config.tta else None
+    results["validation_top1_with_tta"] = augmented
     results["top1_plain"] = float(np.mean(plain.argmax(-1) == data.y_test))
     results["text"] = format_report(results, f"Test set classification report (fine labels"
                                              f"{', TTA' if config.tta else ''}):")
@@ -1850,7 +1864,7 @@ def write_run_reports(trainer, results, stem, started):
     config, names, per_class = trainer.config, trainer.data.fine_names, results["per_class"]
     test = {key: results[key] for key in ("top1", "top5", "superclass_top1") if key in results}
     test.update(top1_without_tta=results["top1_plain"], tta=config.tta, images=int(results["confusion"].sum()))
-    metrics = {"test": test, "best_validation_top1": trainer.best_accuracy,
+    metrics = {"test": test, "best_validation_top1": None if trainer.val_pipeline is None else trainer.best_accuracy,
                "validation_top1_with_tta": results["validation_top1_with_tta"],
                "per_class": {name: per_class[name] for name in names},
                "averages": {name: per_class[name] for name in ("macro avg", "weighted avg")},

@@ -10,7 +10,7 @@ from conftest import TINY_ARGS, main_error
 
 @pytest.mark.parametrize("args", [
     ["--epochs", "0"], ["--batch-size", "0"], ["--batch-size", "-4"], ["--patch-size", "5"],
-    ["--embed-dim", "30", "--num-heads", "4"], ["--validation-split", "0"], ["--validation-split", "1"],
+    ["--embed-dim", "30", "--num-heads", "4"], ["--validation-split", "-0.1"], ["--validation-split", "1"],
     ["--validation-split", "1.5"], ["--learning-rate", "0"], ["--precision", "float64"],
     ["--dropout", "1"], ["--cnn-widths", "64,x"], ["--crop-padding", "-1"], ["--crop-padding", "32"],
     ["--stem-width", "0"], ["--cutout", "8"], ["--muon-rms", "0.2"], ["--stem", "pool"], ["--color-jitter"],

@@ -184,6 +184,44 @@ def test_time_budget_plans_whole_epochs_and_restores_the_initial_weights(cifar_f
     assert history[-1]["learning_rate"] < 1e-6  # the cosine decay ran to its end
 
 
+def test_a_final_fit_without_validation_trains_on_every_image_within_its_budget_and_keeps_the_last_weights(
+        cifar_folder, monkeypatch):
+    clock = VirtualClock(step_seconds=1.0, pass_seconds=2.0)
+    clock.install(monkeypatch)
+    passes, predict = [], chc.Trainer.predict
+    monkeypatch.setattr(chc.Trainer, "predict", lambda t, pipeline: passes.append(clock.now) or predict(t, pipeline))
+    data = chc.load_cifar(cifar_folder)
+    config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS, "--validation-split", "0"])
+    ends = []
+    trainer = chc.Trainer(config, data, log=lambda line: line.startswith("epoch") and ends.append(
+        trainer.model.get_weights()))
+    assert len(trainer.y_train) == len(data.y_train) and trainer.val_pipeline is None
+    full = trainer.train_pipeline.steps_per_epoch()
+    budget = 1.5 * full + 32
+    trainer.plan_time_budget(seconds=budget, test_images=200)
+    planned = len(passes)  # the plan times an evaluation pass on training images
+    history = trainer.fit()
+    assert planned == 2 and len(passes) == planned  # no validation after the epochs
+    assert len(history) == trainer.epochs >= 2 and history[-1]["elapsed"] <= budget
+    assert all("val_accuracy" not in h for h in history)
+    assert len(ends) == len(history)
+    for last, kept in zip(ends[-1], trainer.model.get_weights()):
+        np.testing.assert_array_equal(last, kept)
+
+
+def test_a_final_fit_reports_on_the_test_set_alone(tmp_path, cifar_folder, capsys):
+    output = str(tmp_path / "final.keras")
+    assert chc.main(["--data", cifar_folder, "--output", output, *TINY_ARGS, "--validation-split", "0", "--tta"]) == 0
+    out = capsys.readouterr().out
+    assert "400 train / 0 validation images" in out and "validation top-1" not in out and "test top-1" in out
+    metrics = json.loads((tmp_path / "final.metrics.json").read_text())
+    assert metrics["best_validation_top1"] is None and metrics["validation_top1_with_tta"] is None
+    assert metrics["test"]["tta"] and metrics["epochs_trained"] == 1
+    rows = (tmp_path / "final.history.csv").read_text().splitlines()
+    assert rows[0].endswith("val_loss,val_accuracy") and rows[1].endswith(",,")  # no validation figures
+    assert chc.load_model(output).output_shape == (None, 100)
+
+
 def test_time_budget_too_small_is_a_clear_error(cifar_folder, monkeypatch):
     VirtualClock(step_seconds=1.0, pass_seconds=2.0, compute=False).install(monkeypatch)
     config = chc.parse_config(["--data", cifar_folder, *TINY_ARGS])
