@@ -134,6 +134,18 @@ def test_auto_precision_takes_bf16_only_where_it_measures_faster(bf16_gflops, ex
         chc._cpu_bf16_is_faster.cache_clear()
 
 
+def test_one_slow_round_of_bf16_timing_on_a_busy_host_does_not_make_the_run_float32(monkeypatch):
+    monkeypatch.setattr(chc, "_cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(chc.tf.config, "list_physical_devices", lambda kind: [])
+    speeds = {chc.tf.bfloat16: iter([500.0, 900.0, 880.0]), chc.tf.float32: iter([450.0, 460.0, 440.0])}
+    monkeypatch.setattr(chc, "matmul_gflops", lambda dtype, **_: next(speeds[dtype]))
+    chc._cpu_bf16_is_faster.cache_clear()
+    try:
+        assert chc.resolve_precision("auto") == "mixed_bfloat16"
+    finally:
+        chc._cpu_bf16_is_faster.cache_clear()
+
+
 def test_bf16_is_never_timed_where_onednn_is_limited_to_avx2(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # a bf16 matmul would abort the process
     monkeypatch.setattr(chc, "matmul_gflops", lambda *a, **k: pytest.fail("timed a matmul"))
