@@ -1830,7 +1830,7 @@ def evaluate_on_test_set(trainer, model, data, started):
         return predict_probabilities(model, images, tta=config.tta, with_plain=True)
 
     augmented = None
-    if config.tta and len(trainer.y_val):  # evidence for TTA comes from validation data, never the test set
+    if config.tta and trainer.val_pipeline is not None:  # TTA's evidence: validation data, never the test set
         plain, augmented = (float(np.mean(p.argmax(-1) == trainer.y_val)) for p in plain_and_tta(trainer.x_val))
         print(f"validation top-1 {100 * plain:.2f}% plain, {100 * augmented:.2f}% with TTA")
     plain, probs = plain_and_tta(data.x_test)
